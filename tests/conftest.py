@@ -1,0 +1,35 @@
+"""Shared test fixtures: the repository root on sys.path and the committed sample's location."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    """The committed sample data (GSV-Cities/ and benchmarks/)."""
+    if not (SAMPLE / "GSV-Cities" / "Dataframes").is_dir():
+        pytest.fail(f"sample data missing under {SAMPLE}: run `make sample-data`")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def gsv_root(sample_root) -> Path:
+    return sample_root / "GSV-Cities"
+
+
+@pytest.fixture(scope="session")
+def bench_root(sample_root) -> Path:
+    return sample_root / "benchmarks"
