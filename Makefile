@@ -1,10 +1,16 @@
-# Each target builds .venv on first use (pip install -e ".[dev]").
+# vprlib: every target builds .venv on first use (pip install -e ".[dev]" with constraints.txt).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8888
+LAB_ARGS ?=
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+TEST_PATHS ?= tests notebooks
+PYTEST_ARGS ?=
+NOTEBOOKS ?= notebooks
+SAMPLE_OUT ?= data/sample
 
-.PHONY: lab test notebooks sample-data bench lint
+.PHONY: lab test lint notebooks sample-data bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,22 +18,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+## make lab: JupyterLab on the first notebook (the main way in)
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab --port=$(PORT) notebooks/01_explore_dataset.ipynb $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --port=$(PORT) $(ROOT_FLAG) $(LAB_ARGS) notebooks/01_explore_dataset.ipynb
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check vprlib tests bench data hubconf.py
 
+## make test: ruff, then every test and every notebook (nbval) on the sample
 test: lint
-	$(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest $(TEST_PATHS) --nbval-lax -p no:cacheprovider $(PYTEST_ARGS)
 
+## make notebooks: run all notebooks in order, headless, refreshing figures/
 notebooks: $(VENV)/.installed
-	mkdir -p figures
-	$(PY) -m vprlib.run_notebooks notebooks
+	$(PY) -m vprlib.run_notebooks $(NOTEBOOKS)
 
+## make sample-data: regenerate data/sample deterministically
 sample-data: $(VENV)/.installed
-	$(PY) data/make_sample.py --out data/sample
+	$(PY) data/make_sample.py --out $(SAMPLE_OUT)
 
+## make bench: the CPU performance scripts (see bench/RESULTS.md)
 bench: $(VENV)/.installed
 	$(PY) bench/loader.py
 	$(PY) bench/dataframes.py

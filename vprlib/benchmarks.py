@@ -1,5 +1,499 @@
-"""Placeholder while this module is being written (replaced by its owner)."""
+"""Evaluation sets in both common on-disk formats, with their ground truth.
+
+A benchmark is a database of geo-tagged images and a set of queries; a query's positives are
+the database images taken within `threshold_m` metres of it (or, for list-format sets, the
+indices stored in `<name>_gt.npy`). Two layouts are read:
+
+- folder format (gmberton's VPR-datasets-downloader): `<set>/database/*.jpg` and
+  `<set>/queries/*.jpg` named `@utm_east@utm_north@zone@letter@lat@lon@panoid@...@.jpg`;
+  positives come from an exact radius search on the UTM coordinates.
+- list format: `<name>_dbImages.npy`, `<name>_qImages.npy` (image paths relative to an image
+  root) and `<name>_gt.npy` (per query, the positive database indices); for MSLS the official
+  740-query protocol is `msls_val_qIdx.npy` + `msls_val_pIdx.npy`.
+
+Standard sets are found by name under a benchmarks root: the `root` argument, else the
+environment variable `VPR_BENCHMARKS_ROOT`, else `$VPRLIB_DATA/benchmarks` (read at call time).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DOWNLOADER_URL = "https://github.com/gmberton/VPR-datasets-downloader"
+MSLS_URL = "https://www.mapillary.com/dataset/places"
+VPR_BENCH_URL = "https://github.com/MubarizZaffar/VPR-Bench"
+
+# Published sizes (database images, queries) of the standard sets, used only to warn when a
+# local copy differs. Pitts250k-test is ~83,950 in the literature (83,952 in the common split).
+EXPECTED_SIZES: dict[str, tuple[int, int]] = {
+    "pitts30k_val": (10_000, 7_608),
+    "pitts30k_test": (10_000, 6_816),
+    "pitts250k_test": (83_952, 8_280),
+    "msls_val": (18_871, 740),
+    "nordland": (27_592, 2_760),
+    "sped": (607, 607),
+    "tokyo247": (75_984, 315),
+}
+
+# Where each named set may live under the benchmarks root, in the folder format.
+FOLDER_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "pitts30k_val": ("pitts30k/images/val",),
+    "pitts30k_test": ("pitts30k/images/test",),
+    "pitts250k_test": ("pitts250k/images/test",),
+    "msls_val": ("msls/images/val", "msls/val"),
+    "nordland": ("nordland/images/test",),
+    "sped": ("sped/images/test",),
+    "tokyo247": ("tokyo247/images/test",),
+    "gsv_sample": ("gsv_sample",),
+}
+
+HOW_TO_GET: dict[str, str] = {
+    "pitts30k_val": f"Pittsburgh images are given by their authors on request; format them with {DOWNLOADER_URL}",
+    "pitts30k_test": f"Pittsburgh images are given by their authors on request; format them with {DOWNLOADER_URL}",
+    "pitts250k_test": f"Pittsburgh images are given by their authors on request; format them with {DOWNLOADER_URL}",
+    "msls_val": f"download MSLS from {MSLS_URL} (login needed) and format it with {DOWNLOADER_URL}, "
+    "or use the msls_val_*.npy lists with qIdx/pIdx for the official 740 queries",
+    "nordland": f"VPR-Bench's Nordland split (ref/query folders + Nordland_*.npy lists): {VPR_BENCH_URL}; "
+    f"the +-10 frames folder variant comes from {DOWNLOADER_URL} (download_nordland.py)",
+    "sped": f"VPR-Bench's SPEDTEST (ref/query): {VPR_BENCH_URL}, or download_sped.py of {DOWNLOADER_URL}",
+    "tokyo247": f"Tokyo 24/7 images are given by their authors on request; format them with {DOWNLOADER_URL}",
+    "gsv_sample": "the committed sample: run `make sample-data` (data/make_sample.py)",
+}
 
 
-def load_benchmark(*args, **kwargs):
-    raise NotImplementedError("load_benchmark is being written")
+@dataclass
+class Benchmark:
+    """A database + queries with per-query positives (indices into `db_paths`)."""
+
+    name: str
+    db_paths: list[str] = field(repr=False)
+    query_paths: list[str] = field(repr=False)
+    ground_truth: list[np.ndarray] = field(repr=False)
+    db_latlon: np.ndarray | None = field(default=None, repr=False)
+    query_latlon: np.ndarray | None = field(default=None, repr=False)
+    db_utm: np.ndarray | None = field(default=None, repr=False)
+    query_utm: np.ndarray | None = field(default=None, repr=False)
+    variant: str = ""
+    root: str = ""
+    threshold_m: float = 25.0
+    fmt: str = ""
+
+    @property
+    def num_db(self) -> int:
+        return len(self.db_paths)
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.query_paths)
+
+    @property
+    def num_without_positives(self) -> int:
+        """Queries whose ground truth is empty (counted as misses by `recall_at_k` by default)."""
+        return int(sum(len(g) == 0 for g in self.ground_truth))
+
+    def __repr__(self) -> str:
+        return (
+            f"Benchmark({self.name!r}, {self.num_db} db, {self.num_queries} queries, "
+            f"fmt={self.fmt!r}, variant={self.variant!r})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_benchmark(
+    path_or_name: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    threshold_m: float = 25.0,
+) -> Benchmark:
+    """Load a benchmark from a folder, a `<name>_dbImages.npy` file or a standard set's name.
+
+    - an existing folder with `database/` and `queries/`: folder format (positives within
+      `threshold_m` metres);
+    - a `..._dbImages.npy` path, or `<folder>/<name>` where `<folder>/<name>_dbImages.npy`
+      exists: list format; `root` is the folder the stored image paths are relative to
+      (default: the parent of the npy folder);
+    - otherwise a name (e.g. "pitts30k_test", "msls_val", "gsv_sample") looked up under the
+      benchmarks root (`root`, else `$VPR_BENCHMARKS_ROOT`, else `$VPRLIB_DATA/benchmarks`).
+    """
+    if threshold_m <= 0:
+        raise ValueError(f"threshold_m must be > 0 metres, got {threshold_m}")
+    p = Path(path_or_name).expanduser()
+    if p.is_dir() and (p / "database").is_dir() and (p / "queries").is_dir():
+        return load_folder_benchmark(p, threshold_m=threshold_m)
+    if p.suffix == ".npy":
+        if not p.is_file():
+            raise FileNotFoundError(f"benchmark list file not found: {p}")
+        return load_list_benchmark(p, root=root)
+    if p.parent.is_dir() and _find_npy(p.parent, p.name, "dbImages") is not None:
+        return load_list_benchmark(_find_npy(p.parent, p.name, "dbImages"), root=root)
+    if p.is_dir():
+        raise FileNotFoundError(
+            f"{p} is a folder but holds neither database/ + queries/ (folder format) nor "
+            "<name>_dbImages.npy (list format)"
+        )
+    return _load_named(str(path_or_name), root, threshold_m)
+
+
+def benchmarks_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the standard sets: `root`, `$VPR_BENCHMARKS_ROOT`, `$VPRLIB_DATA/benchmarks`."""
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get("VPR_BENCHMARKS_ROOT"):
+        return Path(os.environ["VPR_BENCHMARKS_ROOT"]).expanduser()
+    if os.environ.get("VPRLIB_DATA"):
+        return Path(os.environ["VPRLIB_DATA"]).expanduser() / "benchmarks"
+    raise FileNotFoundError(
+        "no benchmarks root: pass root=..., or set VPR_BENCHMARKS_ROOT (the folder holding "
+        "datasets_npy/ and the dataset folders) or VPRLIB_DATA (whose benchmarks/ is used)"
+    )
+
+
+def _load_named(name: str, root: str | os.PathLike | None, threshold_m: float) -> Benchmark:
+    """Find a named set under the benchmarks root, list format first, then folder layouts."""
+    base = benchmarks_root(root)
+    key = name.lower()
+    looked = []
+    for folder in (base / "datasets_npy", base / "datasets_npy" / name, base):
+        db_file = _find_npy(folder, name, "dbImages")
+        looked.append(str(folder / f"{name}_dbImages.npy"))
+        if db_file is not None:
+            bench = load_list_benchmark(db_file, root=base)
+            bench.name = key
+            return bench
+    for rel in FOLDER_LAYOUTS.get(key, (name,)):
+        folder = base / rel
+        looked.append(f"{folder}/{{database,queries}}/")
+        if (folder / "database").is_dir() and (folder / "queries").is_dir():
+            bench = load_folder_benchmark(folder, threshold_m=threshold_m)
+            bench.name = key
+            return bench
+    how = HOW_TO_GET.get(key, f"see {DOWNLOADER_URL}")
+    known = ", ".join(FOLDER_LAYOUTS)
+    raise FileNotFoundError(
+        f"benchmark {name!r} not found under {base}. Looked for:\n  "
+        + "\n  ".join(looked)
+        + f"\n(plus {name}_qImages.npy and {name}_gt.npy beside the dbImages file).\n"
+        f"How to obtain it: {how}.\n"
+        f"Protocol: {_named_variant_hint(key)}\n"
+        f"Known names: {known}; or pass a folder / *_dbImages.npy path."
+    )
+
+
+def _named_variant_hint(key: str) -> str:
+    hints = {
+        "msls_val": "MSLS-val official = 740 queries (msls_val_qIdx.npy/pIdx.npy) vs 18,871 db; "
+        "the ~11k-query variant (all val queries) scores lower: results are labelled with it",
+        "nordland": "Nordland VPR-Bench split = 27,592 refs / 2,760 queries, positive = same "
+        "frame +-1 (Nordland_gt.npy); the downloader's folder variant uses +-10 frames",
+        "sped": "SPED is one-to-one: 607 db / 607 queries",
+    }
+    return hints.get(key, "positives = database images within the distance threshold (25 m)")
+
+
+def _find_npy(folder: Path, name: str, kind: str) -> Path | None:
+    """`<folder>/<name>_<kind>.npy`, matching the name case-insensitively (Nordland_gt.npy)."""
+    exact = folder / f"{name}_{kind}.npy"
+    if exact.is_file():
+        return exact
+    if not folder.is_dir():
+        return None
+    want = f"{name}_{kind}.npy".lower()
+    for entry in os.scandir(folder):
+        if entry.name.lower() == want and entry.is_file():
+            return Path(entry.path)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder format
+
+
+def parse_utm_filename(name: str) -> tuple[float, float, float, float]:
+    """`@east@north@zone@letter@lat@lon@...@.jpg` -> (east, north, lat, lon); NaN lat/lon if empty."""
+    parts = os.path.basename(name).split("@")
+    if len(parts) < 4 or parts[0] != "":
+        raise ValueError(
+            f"image name {name!r} is not in the @utm_east@utm_north@zone@letter@lat@lon@...@.jpg format"
+        )
+    try:
+        east, north = float(parts[1]), float(parts[2])
+    except ValueError:
+        raise ValueError(
+            f"image name {name!r}: UTM east/north {parts[1:3]} are not numbers"
+        ) from None
+    lat = lon = float("nan")
+    if len(parts) > 6 and parts[5].strip() and parts[6].strip():
+        try:
+            lat, lon = float(parts[5]), float(parts[6])
+        except ValueError:
+            raise ValueError(f"image name {name!r}: lat/lon {parts[5:7]} are not numbers") from None
+    return east, north, lat, lon
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files directly inside `folder`, sorted by name (absolute path strings)."""
+    names = sorted(
+        e.name
+        for e in os.scandir(folder)
+        if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".")
+    )
+    return [str(folder / n) for n in names]
+
+
+def _coords(paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """UTM [N,2] and lat/lon [N,2] (None when any lat/lon is missing) from folder-format names."""
+    rows = np.array([parse_utm_filename(p) for p in paths], dtype=np.float64).reshape(-1, 4)
+    latlon = rows[:, 2:]
+    return rows[:, :2].copy(), (None if np.isnan(latlon).any() else latlon.copy())
+
+
+def load_folder_benchmark(folder: str | os.PathLike, threshold_m: float = 25.0) -> Benchmark:
+    """Read `<folder>/database` and `<folder>/queries`; positives within `threshold_m` metres."""
+    folder = Path(folder).expanduser().resolve()
+    for sub in ("database", "queries"):
+        if not (folder / sub).is_dir():
+            raise FileNotFoundError(f"folder-format benchmark needs {folder / sub}/")
+    db_paths, q_paths = list_images(folder / "database"), list_images(folder / "queries")
+    if not db_paths or not q_paths:
+        raise FileNotFoundError(
+            f"no images in {folder / 'database'} ({len(db_paths)}) or "
+            f"{folder / 'queries'} ({len(q_paths)})"
+        )
+    db_utm, db_latlon = _coords(db_paths)
+    q_utm, q_latlon = _coords(q_paths)
+    gt = radius_ground_truth(db_utm, q_utm, threshold_m)
+    name = _folder_name(folder)
+    variant = f"folder format, positives within {threshold_m:g} m (UTM)"
+    if name == "nordland":
+        variant += " (downloader's Nordland: +-10 frames, not the VPR-Bench +-1 split)"
+    bench = Benchmark(
+        name=name,
+        db_paths=db_paths,
+        query_paths=q_paths,
+        ground_truth=gt,
+        db_latlon=db_latlon,
+        query_latlon=q_latlon,
+        db_utm=db_utm,
+        query_utm=q_utm,
+        variant=variant,
+        root=str(folder),
+        threshold_m=float(threshold_m),
+        fmt="folder",
+    )
+    _warn_sizes(bench)
+    return bench
+
+
+def _folder_name(folder: Path) -> str:
+    """The standard name when `folder` matches a known layout (`pitts30k/images/test` ->
+    "pitts30k_test"), else the folder's own name."""
+    posix = folder.as_posix()
+    for key, layouts in FOLDER_LAYOUTS.items():
+        if any(posix.endswith("/" + rel) for rel in layouts):
+            return key
+    return folder.name
+
+
+def radius_ground_truth(db_xy: np.ndarray, q_xy: np.ndarray, radius: float) -> list[np.ndarray]:
+    """Per query, the sorted indices of database points within `radius` (<=, exact, float64).
+
+    A uniform grid with cells slightly larger than `radius` means every pair within `radius`
+    lies in the same or an adjacent cell; candidates from the 3x3 neighbouring cells are found
+    with a sort + searchsorted (no Python loop over points) and filtered by exact distance.
+    Memory is proportional to the number of candidate pairs.
+    """
+    db = np.asarray(db_xy, dtype=np.float64)
+    q = np.asarray(q_xy, dtype=np.float64)
+    if db.ndim != 2 or db.shape[1] != 2 or q.ndim != 2 or q.shape[1] != 2:
+        raise ValueError(f"expected [N,2] coordinates, got db {db.shape} and queries {q.shape}")
+    if not (np.isfinite(db).all() and np.isfinite(q).all()):
+        raise ValueError("coordinates contain NaN or inf")
+    nq = len(q)
+    if len(db) == 0 or nq == 0:
+        return [np.empty(0, np.int64) for _ in range(nq)]
+    cell = radius * (1 + 1e-9)
+    origin = np.minimum(db.min(0), q.min(0))
+    cdb = np.floor((db - origin) / cell).astype(np.int64) + 1  # +1: neighbour -1 stays >= 0
+    cq = np.floor((q - origin) / cell).astype(np.int64) + 1
+    ncols = int(max(cdb[:, 0].max(), cq[:, 0].max())) + 2
+    db_key = cdb[:, 0] + cdb[:, 1] * ncols
+    order = np.argsort(db_key, kind="stable")
+    sorted_key = db_key[order]
+    qi_parts, di_parts = [], []
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            key = (cq[:, 0] + dx) + (cq[:, 1] + dy) * ncols
+            lo = np.searchsorted(sorted_key, key, side="left")
+            hi = np.searchsorted(sorted_key, key, side="right")
+            counts = hi - lo
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            qi = np.repeat(np.arange(nq, dtype=np.int64), counts)
+            within = np.arange(total, dtype=np.int64) - np.repeat(
+                np.cumsum(counts) - counts, counts
+            )
+            qi_parts.append(qi)
+            di_parts.append(order[np.repeat(lo, counts) + within])
+    if not qi_parts:
+        return [np.empty(0, np.int64) for _ in range(nq)]
+    qi = np.concatenate(qi_parts)
+    di = np.concatenate(di_parts)
+    d2 = ((db[di] - q[qi]) ** 2).sum(1)
+    keep = d2 <= radius * radius
+    qi, di = qi[keep], di[keep]
+    srt = np.lexsort((di, qi))
+    qi, di = qi[srt], di[srt]
+    bounds = np.searchsorted(qi, np.arange(nq + 1))
+    return [di[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(nq)]
+
+
+# ---------------------------------------------------------------------------------------------
+# List format
+
+
+def load_list_benchmark(
+    db_file: str | os.PathLike, root: str | os.PathLike | None = None, name: str | None = None
+) -> Benchmark:
+    """Read `<name>_dbImages.npy`, `<name>_qImages.npy` and `<name>_gt.npy` (or MSLS qIdx/pIdx).
+
+    `root` is the folder the stored image paths are relative to (default: the parent of the
+    folder holding the npy files). The npy files are object arrays by convention, so they are
+    loaded with allow_pickle=True: load only files you trust.
+    """
+    db_file = Path(db_file).expanduser().resolve()
+    suffix = "_dbImages.npy"
+    if not db_file.name.lower().endswith(suffix.lower()):
+        raise ValueError(f"list-format benchmark path must end with {suffix}, got {db_file.name}")
+    stem = db_file.name[: -len(suffix)]
+    folder = db_file.parent
+    name = name or stem.lower()
+    image_root = Path(root).expanduser().resolve() if root is not None else folder.parent
+    q_file = _find_npy(folder, stem, "qImages")
+    gt_file = _find_npy(folder, stem, "gt")
+    qidx_file = _find_npy(folder, stem, "qIdx")
+    pidx_file = _find_npy(folder, stem, "pIdx")
+    missing = [f"{stem}_qImages.npy"] if q_file is None else []
+    if gt_file is None and pidx_file is None:
+        missing.append(f"{stem}_gt.npy (or {stem}_pIdx.npy)")
+    if missing:
+        raise FileNotFoundError(
+            f"list-format benchmark {name!r}: missing {', '.join(missing)} in {folder}. "
+            f"How to obtain it: {HOW_TO_GET.get(name, DOWNLOADER_URL)}"
+        )
+    db_rel = _load_paths(db_file)
+    q_rel = _load_paths(q_file)
+    if qidx_file is not None:
+        gt, q_rel, variant = _msls_official(qidx_file, pidx_file, gt_file, q_rel, len(db_rel))
+    else:
+        gt = _load_gt(gt_file, len(db_rel))
+        variant = f"list format, ground truth from {gt_file.name}"
+        if name.startswith("msls"):
+            variant = (
+                f"MSLS all {len(q_rel)} queries (no {stem}_qIdx.npy): NOT the official 740-query "
+                "protocol, scores are lower"
+            )
+        elif name == "nordland":
+            variant = f"Nordland list format ({gt_file.name}; VPR-Bench split: same frame +-1)"
+        if len(gt) != len(q_rel):
+            raise ValueError(
+                f"benchmark {name!r}: {gt_file} has {len(gt)} entries but {q_file} has "
+                f"{len(q_rel)} queries; they must match one to one"
+            )
+    db_paths = [str(image_root / p) for p in db_rel]
+    q_paths = [str(image_root / p) for p in q_rel]
+    for kind, paths, src in (("database", db_paths, db_file), ("query", q_paths, q_file)):
+        if paths and not os.path.exists(paths[0]):
+            raise FileNotFoundError(
+                f"first {kind} image {paths[0]} (from {src}) does not exist: `root` must be the "
+                f"folder the stored paths are relative to (got {image_root})"
+            )
+    db_utm, db_latlon = _maybe_coords(db_paths)
+    q_utm, q_latlon = _maybe_coords(q_paths)
+    bench = Benchmark(
+        name=name,
+        db_paths=db_paths,
+        query_paths=q_paths,
+        ground_truth=gt,
+        db_latlon=db_latlon,
+        query_latlon=q_latlon,
+        db_utm=db_utm,
+        query_utm=q_utm,
+        variant=variant,
+        root=str(image_root),
+        threshold_m=float("nan"),
+        fmt="list",
+    )
+    _warn_sizes(bench)
+    return bench
+
+
+def _load_paths(file: Path) -> list[str]:
+    arr = np.load(file, allow_pickle=True)
+    if arr.ndim != 1:
+        raise ValueError(f"{file}: expected a 1-D array of image paths, got shape {arr.shape}")
+    return [str(p).lstrip("/") for p in arr.tolist()]
+
+
+def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
+    """Per-query positive indices as int64 arrays, sorted, checked against the database size."""
+    arr = np.load(file, allow_pickle=True)
+    gt = [np.unique(np.asarray(g, dtype=np.int64).reshape(-1)) for g in arr]
+    for i, g in enumerate(gt):
+        if len(g) and (g[0] < 0 or g[-1] >= num_db):
+            raise ValueError(
+                f"{file}: query {i} has positive index {g[0] if g[0] < 0 else g[-1]} outside "
+                f"the database of {num_db} images"
+            )
+    return gt
+
+
+def _msls_official(
+    qidx_file: Path, pidx_file: Path | None, gt_file: Path | None, q_rel: list[str], num_db: int
+) -> tuple[list[np.ndarray], list[str], str]:
+    """Official MSLS-val: keep the queries listed in qIdx; positives from pIdx."""
+    qidx = np.load(qidx_file, allow_pickle=True).astype(np.int64).reshape(-1)
+    if len(qidx) and (qidx.min() < 0 or qidx.max() >= len(q_rel)):
+        raise ValueError(f"{qidx_file}: query index out of range for {len(q_rel)} queries")
+    src = pidx_file if pidx_file is not None else gt_file
+    gt_all = _load_gt(src, num_db)
+    if len(gt_all) == len(qidx):
+        gt = gt_all
+    elif len(gt_all) == len(q_rel):
+        gt = [gt_all[i] for i in qidx]
+    else:
+        raise ValueError(
+            f"{src} has {len(gt_all)} entries; expected {len(qidx)} (one per {qidx_file.name} "
+            f"entry) or {len(q_rel)} (one per query)"
+        )
+    variant = f"MSLS official: {len(qidx)} queries from {qidx_file.name}, positives from {src.name}"
+    return gt, [q_rel[i] for i in qidx], variant
+
+
+def _maybe_coords(paths: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """UTM/lat-lon from file names when every name is in the @utm@ convention, else None."""
+    if not paths or not all(os.path.basename(p).startswith("@") for p in paths):
+        return None, None
+    return _coords(paths)
+
+
+def _warn_sizes(bench: Benchmark) -> None:
+    expected = EXPECTED_SIZES.get(bench.name)
+    if expected is None:
+        return
+    got = (bench.num_db, bench.num_queries)
+    if got != expected:
+        warnings.warn(
+            f"benchmark {bench.name!r} has {got[0]} db / {got[1]} queries; the published protocol "
+            f"has {expected[0]} / {expected[1]} ({bench.variant}): results are not comparable "
+            "to paper tables",
+            stacklevel=3,
+        )

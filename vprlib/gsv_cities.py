@@ -1,21 +1,696 @@
-"""Placeholder while this module is being written (replaced by its owner)."""
+"""GSV-Cities: file names, dataframes and the place-batching training dataset.
+
+On disk (see data/README.md)::
+
+    <root>/Dataframes/<City>.csv         place_id, year, month, northdeg, city_id, lat, lon, panoid
+    <root>/Images/<city_id>/<file>.jpg   {city_id}_{place_id:07d}_{year:04d}_{month:02d}_
+                                         {northdeg:03d}_{lat}_{lon}_{panoid}.jpg
+
+`read_gsv_dataframes` reads the CSVs into one table with a `place` id unique across cities
+(city index * 10**5 + place_id, cities in sorted city_id order) and the image `path`
+relative to the root, as it exists on disk (.jpg or .JPG).
+
+`GSVCitiesDataset` yields one place per item: K images of the place and K equal labels.
+Loading path (CPU, the default), chosen by measurement (bench/loader.py):
+- bytes are read with torchvision.io.read_file and decoded with libjpeg-turbo
+  (torchvision.io.decode_jpeg) straight into a uint8 tensor, with no PIL object;
+- resizing runs on uint8 (antialiased bilinear has a vectorised uint8 kernel), then
+  RandAugment(num_ops=3) runs on the uint8 tensor;
+- items stay uint8: conversion to float and ImageNet normalisation happen on the training
+  device in `batch_to_device` (4x fewer bytes through the DataLoader and to the GPU).
+PIL's draft mode (DCT-domain downscaling) does not help here: it only reduces by powers of
+two while keeping both sides >= the target, so 640x480 -> 320x320 decodes at full size anyway.
+
+With decode="gpu" the workers only read the JPEG bytes; `batch_to_device` decodes the batch
+with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")), resizes and augments it on the
+GPU, so the CPU is no longer the bottleneck. On a CPU device the same code runs on the CPU.
+
+Image choice and augmentation of item i are a pure function of (seed, epoch, i): the same
+batches come out whatever the number of workers or the order of access, which makes
+resumed training exact. Call `set_epoch(epoch)` at the start of each epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .transforms import (
+    augment_batch,
+    decode_image_bytes,
+    decode_jpeg_batch,
+    eval_transform,
+    read_image_bytes,
+    to_model_input,
+    train_transform,
+)
+
+COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
+INT_COLUMNS = ("place_id", "year", "month", "northdeg")
+FLOAT_COLUMNS = ("lat", "lon")
+PLACE_STRIDE = 10**5  # place = city index * PLACE_STRIDE + place_id, as the reference does
+LAYOUT = "<root>/Dataframes/<City>.csv and <root>/Images/<city_id>/<image>.jpg"
+FILENAME_FORMAT = (
+    "{city_id}_{place_id:07d}_{year:04d}_{month:02d}_{northdeg:03d}_{lat}_{lon}_{panoid}.jpg"
+)
+
+_FLOAT = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NAME_RE = re.compile(
+    r"(?P<city_id>[^_/\\]+)_(?P<place_id>\d+)_(?P<year>\d{4})_(?P<month>\d{2})_"
+    rf"(?P<northdeg>\d+)_(?P<lat>{_FLOAT})_(?P<lon>{_FLOAT})_(?P<panoid>[^/\\]+)\.(?:jpg|JPG)"
+)
+
+# ---------------------------------------------------------------- file names
 
 
-def GSVCitiesDataset(*args, **kwargs):
-    raise NotImplementedError("GSVCitiesDataset is being written")
+def parse_gsv_filename(name: str | os.PathLike) -> dict:
+    """GSV-Cities image file name (or path) -> dict of city_id, place_id, year, month,
+    northdeg (int), lat, lon (float), panoid. The panoid may contain '_' and '-'.
+
+    Raises ValueError naming the input when it is not such a name.
+    """
+    base = os.path.basename(os.fspath(name))
+    m = _NAME_RE.fullmatch(base)
+    if m is None:
+        raise ValueError(
+            f"not a GSV-Cities image file name: {base!r} (expected {FILENAME_FORMAT}, "
+            "extension .jpg or .JPG)"
+        )
+    out = {
+        "city_id": m["city_id"],
+        "place_id": int(m["place_id"]),
+        "year": int(m["year"]),
+        "month": int(m["month"]),
+        "northdeg": int(m["northdeg"]),
+        "lat": float(m["lat"]),
+        "lon": float(m["lon"]),
+        "panoid": m["panoid"],
+    }
+    if not 1 <= out["month"] <= 12:
+        raise ValueError(f"month {out['month']} out of 1..12 in GSV-Cities file name {base!r}")
+    if not (-90.0 <= out["lat"] <= 90.0 and -180.0 <= out["lon"] <= 180.0):
+        raise ValueError(f"lat/lon out of range in GSV-Cities file name {base!r}")
+    return out
 
 
-def gsv_filename(*args, **kwargs):
-    raise NotImplementedError("gsv_filename is being written")
+def _as_int(value, key: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"gsv_filename: {key} must be an integer, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"gsv_filename: {key} must be an integer, got {value!r}")
 
 
-def parse_gsv_filename(*args, **kwargs):
-    raise NotImplementedError("parse_gsv_filename is being written")
+def gsv_filename(row: Mapping, ext: str = ".jpg") -> str:
+    """The image file name of a dataframe row (dict, Series, ...): the inverse of
+    `parse_gsv_filename` (lat/lon written as Python's shortest float repr)."""
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+        raise KeyError(f"gsv_filename: row lacks {missing} (needs {list(COLUMNS)})")
+    if ext not in (".jpg", ".JPG"):
+        raise ValueError(f"gsv_filename: ext must be '.jpg' or '.JPG', got {ext!r}")
+    ints = {k: _as_int(row[k], k) for k in INT_COLUMNS}
+    if min(ints.values()) < 0 or not 1 <= ints["month"] <= 12:
+        raise ValueError(f"gsv_filename: negative value or month out of 1..12 in {ints}")
+    lat, lon = float(row["lat"]), float(row["lon"])
+    if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        raise ValueError(f"gsv_filename: lat/lon out of range: {lat}, {lon}")
+    city_id, panoid = str(row["city_id"]), str(row["panoid"])
+    if not city_id or re.search(r"[_/\\]", city_id):
+        raise ValueError(f"gsv_filename: city_id must be non-empty without '_' or '/': {city_id!r}")
+    if not panoid or re.search(r"[/\\]", panoid):
+        raise ValueError(f"gsv_filename: panoid must be non-empty without '/': {panoid!r}")
+    return (
+        f"{city_id}_{ints['place_id']:07d}_{ints['year']:04d}_{ints['month']:02d}_"
+        f"{ints['northdeg']:03d}_{lat!r}_{lon!r}_{panoid}{ext}"
+    )
 
 
-def read_gsv_dataframes(*args, **kwargs):
-    raise NotImplementedError("read_gsv_dataframes is being written")
+# ---------------------------------------------------------------- dataframes
 
 
-def scan_gsv_images(*args, **kwargs):
-    raise NotImplementedError("scan_gsv_images is being written")
+def _check_root(root) -> Path:
+    root = Path(root)
+    if not (root / "Dataframes").is_dir():
+        what = "does not exist" if not root.exists() else "has no Dataframes/ folder"
+        raise FileNotFoundError(f"GSV-Cities root {root} {what}; expected the layout {LAYOUT}")
+    return root
+
+
+def _first_city_id(path: Path) -> str | None:
+    """city_id of the first data row of a city CSV (None for a file without rows)."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        row = next(reader, None)
+    if header is None or row is None:
+        return None
+    if "city_id" not in header:
+        raise ValueError(f"{path}: missing column 'city_id' (needs {list(COLUMNS)})")
+    return row[header.index("city_id")]
+
+
+def _city_csvs(root: Path) -> dict[str, Path]:
+    csvs = {p.stem: p for p in sorted((root / "Dataframes").glob("*.csv"))}
+    if not csvs:
+        raise FileNotFoundError(f"no city CSV in {root / 'Dataframes'}; expected {LAYOUT}")
+    return csvs
+
+
+def _resolve(names, available: dict[str, str | None], kind: str) -> list[str]:
+    """Map user city names (CSV stems or city_ids) to keys of `available` {key: city_id}."""
+    if names is None:
+        return list(available)
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for name in names:
+        if name in available:
+            out.append(name)
+            continue
+        hits = [k for k, cid in available.items() if cid == name]
+        if len(hits) != 1:
+            listing = ", ".join(k if v in (None, k) else f"{k} ({v})" for k, v in available.items())
+            why = "ambiguous" if hits else "unknown"
+            raise ValueError(f"{why} city {name!r}; available {kind}: {listing}")
+        out.append(hits[0])
+    return list(dict.fromkeys(out))
+
+
+def _bad_row(path, df: pd.DataFrame, column: str, mask) -> ValueError:
+    i = int(np.flatnonzero(np.asarray(mask))[0])
+    return ValueError(
+        f"{path}: column {column!r} has a bad value {df[column].iloc[i]!r} in row {i} "
+        f"(line {i + 2}); expected {'an integer' if column in INT_COLUMNS else 'a number'}"
+    )
+
+
+def _read_city_csv(path: Path) -> pd.DataFrame:
+    """One city CSV with checked columns and dtypes."""
+    try:
+        df = pd.read_csv(path, dtype={"city_id": str, "panoid": str})
+    except pd.errors.EmptyDataError as e:
+        raise ValueError(f"city CSV {path} is empty (needs columns {list(COLUMNS)})") from e
+    for col in COLUMNS:
+        if col not in df.columns:
+            raise ValueError(f"{path}: missing column {col!r} (needs {list(COLUMNS)})")
+    if len(df) == 0:
+        raise ValueError(f"city CSV {path} has no rows")
+    for col in INT_COLUMNS:
+        if not pd.api.types.is_integer_dtype(df[col]):
+            num = pd.to_numeric(df[col], errors="coerce")
+            bad = num.isna() | (num != np.floor(num))
+            if bad.any():
+                raise _bad_row(path, df, col, bad)
+            df[col] = num.astype(np.int64)
+        else:
+            df[col] = df[col].astype(np.int64)
+    for col in FLOAT_COLUMNS:
+        if not pd.api.types.is_float_dtype(df[col]) or df[col].isna().any():
+            num = pd.to_numeric(df[col], errors="coerce")
+            if num.isna().any():
+                raise _bad_row(path, df, col, num.isna())
+            df[col] = num.astype(np.float64)
+    for col in ("city_id", "panoid"):
+        if df[col].isna().any():
+            raise _bad_row(path, df, col, df[col].isna())
+    if (df["place_id"] < 0).any() or (df["place_id"] >= PLACE_STRIDE).any():
+        raise _bad_row(
+            path, df, "place_id", (df["place_id"] < 0) | (df["place_id"] >= PLACE_STRIDE)
+        )
+    ids = df["city_id"].unique()
+    if len(ids) != 1:
+        raise ValueError(f"{path}: expected one city_id per CSV, found {list(ids)[:5]}")
+    return df
+
+
+def _file_names(df: pd.DataFrame) -> list[str]:
+    """File names (without extension) of the rows of one city. One formatting pass; lat/lon
+    use %r, i.e. Python's shortest float repr, like the dataset's own names."""
+    city_id = df["city_id"].iloc[0]
+    fmt = city_id.replace("%", "%%") + "_%07d_%04d_%02d_%03d_%r_%r_%s"
+    cols = [
+        df[c].tolist() for c in ("place_id", "year", "month", "northdeg", "lat", "lon", "panoid")
+    ]
+    return [fmt % r for r in zip(*cols, strict=True)]
+
+
+def _attach_paths(root: Path, df: pd.DataFrame, csv_path: Path, check_files: bool, on_missing):
+    """Add `path` (relative to root); keep rows whose image exists (see read_gsv_dataframes)."""
+    city_id = df["city_id"].iloc[0]
+    stems = pd.Series(_file_names(df), index=df.index, dtype=object)
+    prefix = f"Images/{city_id}/"
+    if not check_files:
+        df["path"] = (prefix + stems + ".jpg").astype(str)
+        return df
+    folder = root / "Images" / city_id
+    listed = set(os.listdir(folder)) if folder.is_dir() else set()
+    jpg = stems + ".jpg"
+    found = jpg.isin(listed)
+    if not found.all():
+        upper = stems + ".JPG"
+        use_upper = ~found & upper.isin(listed)
+        jpg = jpg.where(~use_upper, upper)
+        found |= use_upper
+    df["path"] = (prefix + jpg).astype(str)
+    if found.all():
+        return df
+    missing = df.loc[~found, "path"].tolist()
+    msg = (
+        f"{len(missing)} of {len(df)} rows of {csv_path.name} have no image file under {root}, "
+        f"e.g. {missing[:3]}"
+    )
+    if on_missing == "error":
+        raise FileNotFoundError(msg + " (on_missing='drop' skips them)")
+    warnings.warn(msg + "; dropped", stacklevel=3)
+    return df[found.to_numpy()]
+
+
+def read_gsv_dataframes(
+    root: str | os.PathLike,
+    cities: str | Iterable[str] | None = None,
+    on_missing: str = "error",
+    check_files: bool = True,
+) -> pd.DataFrame:
+    """All rows of the chosen city CSVs as one DataFrame.
+
+    `cities`: CSV stems (e.g. "Paris") or city_ids (e.g. "PRS"); None = every CSV in
+    Dataframes/. Keeps the CSV columns (extra ones too) and adds `place` (int, unique across
+    cities, stable: city index in sorted city_id order * 10**5 + place_id) and `path`
+    (image path relative to root, .jpg or .JPG as found on disk). Rows whose image is
+    missing raise FileNotFoundError, or are dropped with a warning when on_missing="drop".
+    check_files=False skips the directory listing (paths then end in .jpg).
+    """
+    if on_missing not in ("error", "drop"):
+        raise ValueError(f"on_missing must be 'error' or 'drop', got {on_missing!r}")
+    root = _check_root(root)
+    csvs = _city_csvs(root)
+    ids = {stem: _first_city_id(p) for stem, p in csvs.items()}
+    order = {cid: i for i, cid in enumerate(sorted({c for c in ids.values() if c is not None}))}
+    frames = []
+    for stem in _resolve(cities, ids, "cities (CSV stem, city_id in brackets)"):
+        df = _read_city_csv(csvs[stem])
+        city_id = df["city_id"].iloc[0]
+        df["place"] = df["place_id"] + order[city_id] * PLACE_STRIDE
+        frames.append(_attach_paths(root, df, csvs[stem], check_files, on_missing))
+    out = pd.concat(frames, ignore_index=True)
+    if len(out) == 0:
+        raise ValueError(f"no rows left under {root} for cities {cities!r}")
+    return out
+
+
+def scan_gsv_images(
+    root: str | os.PathLike, cities: str | Iterable[str] | None = None
+) -> pd.DataFrame:
+    """The same table as read_gsv_dataframes, built from the image file names alone (for a
+    copy without Dataframes/, or to cross-check one). `cities` are Images/ folder names
+    (city_ids) or, when Dataframes/ exists, CSV stems. Rows sorted by path; `place` uses
+    the sorted Images/ folders as the city order."""
+    root = Path(root)
+    images = root / "Images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"GSV-Cities root {root} has no Images/ folder; expected {LAYOUT}")
+    folders = sorted(e.name for e in os.scandir(images) if e.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"no city folder in {images}; expected {LAYOUT}")
+    available: dict[str, str | None] = {f: f for f in folders}
+    if (root / "Dataframes").is_dir() and cities is not None:
+        for stem, p in _city_csvs(root).items():
+            cid = _first_city_id(p)
+            if stem not in available and cid in folders:
+                available[stem] = cid
+    chosen = [available[k] for k in _resolve(cities, available, "city folders")]
+    frames = []
+    for city_id in dict.fromkeys(chosen):
+        names = sorted(n for n in os.listdir(images / city_id) if n.endswith((".jpg", ".JPG")))
+        parts = pd.Series(names, dtype=object).str.extract(_NAME_RE)
+        bad = parts["city_id"].isna() | (parts["city_id"] != city_id)
+        if bad.any():
+            wrong = [names[i] for i in np.flatnonzero(bad.to_numpy())]
+            raise ValueError(
+                f"{len(wrong)} files in {images / city_id} are not GSV-Cities names of city "
+                f"{city_id!r}, e.g. {wrong[:3]} (expected {FILENAME_FORMAT})"
+            )
+        df = pd.DataFrame({c: parts[c] for c in COLUMNS})
+        for c in INT_COLUMNS:
+            df[c] = df[c].astype(np.int64)
+        for c in FLOAT_COLUMNS:
+            df[c] = df[c].astype(np.float64)
+        for c in ("city_id", "panoid"):
+            df[c] = df[c].astype(str)
+        if (df["place_id"] >= PLACE_STRIDE).any():
+            raise ValueError(f"{images / city_id}: place_id >= {PLACE_STRIDE} in a file name")
+        df["place"] = df["place_id"] + folders.index(city_id) * PLACE_STRIDE
+        df["path"] = pd.Series([f"Images/{city_id}/{n}" for n in names], dtype=str)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True).sort_values("path", ignore_index=True)
+
+
+# ---------------------------------------------------------------- pandas helpers
+
+
+def _place_key(df: pd.DataFrame):
+    return "place" if "place" in df.columns else ["city_id", "place_id"]
+
+
+def filter_min_images(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Rows of places that have at least `n` images."""
+    if int(n) < 1:
+        raise ValueError(f"filter_min_images: n must be >= 1, got {n!r}")
+    key = _place_key(df)
+    sizes = df.groupby(key, sort=False)["place_id"].transform("size")
+    return df[sizes >= int(n)]
+
+
+def filter_dates(
+    df: pd.DataFrame,
+    years: int | Iterable[int] | None = None,
+    months: int | Iterable[int] | None = None,
+) -> pd.DataFrame:
+    """Rows taken in the given years and/or months (ints or iterables, e.g.
+    years=range(2015, 2019), months=[6, 7, 8]). Places may end up with fewer images:
+    follow with filter_min_images."""
+    mask = pd.Series(True, index=df.index)
+    if years is not None:
+        years = [years] if isinstance(years, (int, np.integer)) else list(years)
+        mask &= df["year"].isin(years)
+    if months is not None:
+        months = [months] if isinstance(months, (int, np.integer)) else list(months)
+        bad = [m for m in months if not 1 <= m <= 12]
+        if bad:
+            raise ValueError(f"filter_dates: months must be in 1..12, got {bad}")
+        mask &= df["month"].isin(months)
+    return df[mask]
+
+
+def filter_hemisphere(df: pd.DataFrame, hemisphere: str) -> pd.DataFrame:
+    """Rows in the "north" (lat > 0) or "south" (lat < 0) hemisphere."""
+    if hemisphere == "north":
+        return df[df["lat"] > 0]
+    if hemisphere == "south":
+        return df[df["lat"] < 0]
+    raise ValueError(f"hemisphere must be 'north' or 'south', got {hemisphere!r}")
+
+
+def city_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per city_id: places, images, images per place (mean/min/max), first/last year and
+    the area (km^2) of the lat/lon bounding box."""
+    key = "place" if "place" in df.columns else "place_id"
+    sizes = df.groupby(["city_id", key]).size().groupby(level=0)
+    g = df.groupby("city_id")
+    lat_km = (g["lat"].max() - g["lat"].min()) * 111.32
+    mid = np.radians((g["lat"].max() + g["lat"].min()) / 2)
+    lon_km = (g["lon"].max() - g["lon"].min()) * 111.32 * np.cos(mid)
+    return pd.DataFrame(
+        {
+            "places": sizes.size(),
+            "images": g.size(),
+            "img_per_place_mean": sizes.mean(),
+            "img_per_place_min": sizes.min(),
+            "img_per_place_max": sizes.max(),
+            "year_min": g["year"].min(),
+            "year_max": g["year"].max(),
+            "area_km2": lat_km * lon_km,
+        }
+    )
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def _item_seed(*keys: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, index, stream), well mixed."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (one uint8 buffer, offsets): no Python objects to copy into workers."""
+    encoded = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+@dataclass
+class EncodedImages:
+    """A batch (or one item) of encoded JPEGs for decode="gpu": raw bytes, one augmentation
+    seed per image, file paths (for error messages) and the (P, K) batch shape."""
+
+    data: list[torch.Tensor]
+    seeds: torch.Tensor
+    paths: list[str]
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def pin_memory(self) -> EncodedImages:
+        return EncodedImages(
+            [d.pin_memory() for d in self.data], self.seeds, self.paths, self.shape
+        )
+
+
+def _looks_complete_jpeg(data: torch.Tensor) -> bool:
+    """JPEG start and end markers present (a truncated file lacks the end marker)."""
+    n = data.numel()
+    return (
+        n > 4
+        and data[0] == 0xFF
+        and data[1] == 0xD8
+        and data[n - 2] == 0xFF
+        and data[n - 1] == 0xD9
+    )
+
+
+class GSVCitiesDataset(torch.utils.data.Dataset):
+    """Places of GSV-Cities as items: ds[i] -> (images uint8 [K,3,H,W], labels int64 [K]).
+
+    img_per_place (K) images are drawn per place, at random (random_sample=True) or the K
+    most recent by (year, month). Places with fewer than min_img_per_place images are left
+    out. `transform` (uint8 [3,H,W] -> [3,h,w]) defaults to resize + RandAugment(3)
+    (augment=True) or resize only (augment=False). Labels are the `place` column.
+
+    decode="cpu": items hold decoded uint8 images; decode="gpu": items hold the JPEG bytes
+    and `batch_to_device` decodes, resizes and augments on the device. Use
+    `collate_fn` in the DataLoader and `batch_to_device` on each batch.
+    on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
+    image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
+    filtered read_gsv_dataframes table; needs `place` and `path`).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        cities: str | Iterable[str] | None = None,
+        img_per_place: int = 4,
+        min_img_per_place: int = 4,
+        random_sample: bool = True,
+        image_size=(320, 320),
+        transform=None,
+        seed: int = 0,
+        decode: str = "cpu",
+        augment: bool = True,
+        interpolation: str = "bilinear",
+        on_corrupt: str = "error",
+        dataframe: pd.DataFrame | None = None,
+    ):
+        if img_per_place < 1 or img_per_place > min_img_per_place:
+            raise ValueError(
+                f"need 1 <= img_per_place <= min_img_per_place, got {img_per_place} and "
+                f"{min_img_per_place}"
+            )
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        if decode == "gpu" and transform is not None:
+            raise ValueError("decode='gpu' augments on the device: pass augment=, not transform=")
+        self.root = Path(root)
+        if dataframe is None:
+            dataframe = read_gsv_dataframes(self.root, cities)
+        for col in ("place", "path", "year", "month"):
+            if col not in dataframe.columns:
+                raise KeyError(f"dataframe lacks column {col!r} (use read_gsv_dataframes)")
+        df = filter_min_images(dataframe, min_img_per_place)
+        if len(df) == 0:
+            raise ValueError(f"no place has >= {min_img_per_place} images under {self.root}")
+        # most recent first inside each place; `place` order across places
+        df = df.sort_values(
+            ["place", "year", "month"], ascending=[True, False, False], kind="stable"
+        )
+        self.dataframe = df.reset_index(drop=True)
+        self.img_per_place = int(img_per_place)
+        self.min_img_per_place = int(min_img_per_place)
+        self.random_sample = bool(random_sample)
+        self.image_size = (
+            tuple(image_size) if not isinstance(image_size, int) else (image_size,) * 2
+        )
+        self.seed = int(seed)
+        self.epoch = 0
+        self.decode = decode
+        self.augment = bool(augment)
+        self.interpolation = interpolation
+        self.on_corrupt = on_corrupt
+        if transform is None and decode == "cpu":
+            make = train_transform if augment else eval_transform
+            transform = make(self.image_size, interpolation)
+        self.transform = transform
+        place = self.dataframe["place"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, place[1:] != place[:-1]])
+        self._starts = starts.astype(np.int64)
+        self._counts = np.diff(np.r_[starts, len(place)]).astype(np.int64)
+        self._labels = place[starts].astype(np.int64)
+        self._paths, self._offsets = _pack_strings(self.dataframe["path"].tolist())
+
+    # -- bookkeeping
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataframe) if self.dataframe is not None else int(self._counts.sum())
+
+    @property
+    def num_places(self) -> int:
+        return len(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch: image choice and augmentation depend on (seed, epoch, index)."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self):
+        # workers need the packed arrays only, not the DataFrame
+        state = self.__dict__.copy()
+        state["dataframe"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"GSVCitiesDataset({len(self)} places, {self.num_images} images, "
+            f"K={self.img_per_place}, size={self.image_size}, decode={self.decode!r})"
+        )
+
+    def _path(self, row: int) -> str:
+        a, b = self._offsets[row], self._offsets[row + 1]
+        return os.path.join(self.root, self._paths[a:b].tobytes().decode("utf-8"))
+
+    # -- items
+    def _candidates(self, index: int) -> np.ndarray:
+        """Row numbers of place `index` in the order they are tried."""
+        start, count = int(self._starts[index]), int(self._counts[index])
+        if not self.random_sample:
+            return np.arange(start, start + count)
+        g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index, 0))
+        return start + torch.randperm(count, generator=g).numpy()
+
+    def _load(self, path: str) -> torch.Tensor:
+        data = read_image_bytes(path)
+        if self.decode == "gpu":
+            if not _looks_complete_jpeg(data):
+                raise ValueError(f"cannot decode image {path}: not a complete JPEG file")
+            return data
+        return decode_image_bytes(data, path)
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"place index {index} out of range for {len(self)} places")
+        k = self.img_per_place
+        loaded, paths = [], []
+        for row in self._candidates(index):
+            path = self._path(int(row))
+            try:
+                loaded.append(self._load(path))
+            except (ValueError, FileNotFoundError) as e:
+                if self.on_corrupt == "error":
+                    raise
+                warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+                continue
+            paths.append(path)
+            if len(loaded) == k:
+                break
+        if len(loaded) < k:
+            raise ValueError(
+                f"place {int(self._labels[index])} has only {len(loaded)} readable images, "
+                f"needs {k} (last tried: {paths[-1:]})"
+            )
+        labels = torch.full((k,), int(self._labels[index]), dtype=torch.int64)
+        seeds = [_item_seed(self.seed, self.epoch, index, 1 + j) for j in range(k)]
+        if self.decode == "gpu":
+            seeds_t = torch.tensor(seeds, dtype=torch.int64)
+            return EncodedImages(loaded, seeds_t, paths, (k,)), labels
+        out = []
+        with torch.random.fork_rng(devices=[]):
+            for img, s in zip(loaded, seeds, strict=True):
+                torch.manual_seed(s)
+                out.append(self.transform(img))
+        return torch.stack(out), labels
+
+    # -- batching
+    def collate_fn(self, items):
+        """[(images, labels)] -> (images [P,K,3,H,W] uint8 or EncodedImages, labels [P,K])."""
+        labels = torch.stack([lab for _, lab in items])
+        if self.decode == "gpu":
+            data = [d for enc, _ in items for d in enc.data]
+            seeds = torch.cat([enc.seeds for enc, _ in items])
+            paths = [p for enc, _ in items for p in enc.paths]
+            return EncodedImages(data, seeds, paths, tuple(labels.shape)), labels
+        return torch.stack([img for img, _ in items]), labels
+
+    def batch_to_device(self, images, device, channels_last: bool = False) -> torch.Tensor:
+        """A collated batch -> normalised float [P*K,3,H,W] on `device`. For decode="gpu"
+        this decodes (nvJPEG on CUDA), resizes and RandAugments each image on the device."""
+        if isinstance(images, EncodedImages):
+            device = torch.device(device)
+            batch = decode_jpeg_batch(
+                images.data, device, self.image_size, self.interpolation, images.paths
+            )
+            if self.augment:
+                batch = augment_batch(batch, images.seeds.tolist(), 3, self.interpolation)
+            images = batch
+        return to_model_input(images, device, channels_last=channels_last)
+
+
+def _haversine_m(lat1, lon1, lat2, lon2):
+    """Great-circle distance in metres (numpy broadcasting)."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    a = (
+        np.sin((p2 - p1) / 2) ** 2
+        + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lon2 - lon1) / 2) ** 2
+    )
+    return 2 * 6371008.8 * np.arcsin(np.sqrt(a))
+
+
+def place_centres(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean lat/lon, city_id and image count per place (for maps and spacing checks)."""
+    g = df.groupby("place" if "place" in df.columns else ["city_id", "place_id"])
+    out = g.agg(city_id=("city_id", "first"), lat=("lat", "mean"), lon=("lon", "mean"))
+    out["images"] = g.size()
+    return out
+
+
+def min_place_distance_m(df: pd.DataFrame) -> float:
+    """Smallest distance (metres) between two place centres of the same city (brute force
+    per city; fine for a few thousand places)."""
+    centres = place_centres(df)
+    best = math.inf
+    for _, c in centres.groupby("city_id"):
+        lat, lon = c["lat"].to_numpy(), c["lon"].to_numpy()
+        if len(lat) < 2:
+            continue
+        d = _haversine_m(lat[:, None], lon[:, None], lat[None, :], lon[None, :])
+        np.fill_diagonal(d, np.inf)
+        best = min(best, float(d.min()))
+    return best

@@ -1,5 +1,677 @@
-"""Placeholder while this module is being written (replaced by its owner)."""
+"""Training: `fit()` runs the paper's recipe in one loop you can read top to bottom.
+
+One step: a batch of P places x K images -> descriptors -> the miner picks the informative
+pairs -> Multi-Similarity loss -> SGD step -> per-step learning-rate schedule. After each
+epoch: optional validation (Recall@1/5/10 per benchmark), `last.ckpt` and `best.ckpt`.
+
+Checkpoints are plain dicts of tensors and primitive containers, so they load with
+`torch.load(path, weights_only=True)`; their "state_dict" is `model.state_dict()` in the
+released key layout, so `vprlib.load_pretrained("last.ckpt")` reads them too.
+
+Resume works at epoch granularity: checkpoints are written at the end of each epoch, so a run
+killed mid-epoch loses at most that epoch. A resumed run ends with the same weights as an
+uninterrupted one, because every random choice (place order, image choice, augmentation) is a
+function of (seed, epoch) and the optimizer, schedule, scaler and RNG states are restored.
+
+Device, sampler and checkpoint writing sit in small functions so that multi-GPU (DDP via
+torchrun) can be added by replacing them: a distributed sampler, a rank-0-only save.
+
+Run from the shell: `python -m vprlib.train --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fileio import atomic_torch_save, atomic_write_text
+from .losses import batch_accuracy, get_loss, get_miner
+from .transforms import to_model_input
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+RECALL_KS = (1, 5, 10)
+# Arguments that must be the same when a run is resumed: they shape the optimisation itself.
+RESUME_MUST_MATCH = (
+    "places_per_batch",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "warmup_steps",
+    "milestones",
+    "gamma",
+    "loss",
+    "miner",
+    "precision",
+    "seed",
+    "max_steps_per_epoch",
+    "num_places",
+)
 
 
-def fit(*args, **kwargs):
-    raise NotImplementedError("fit is being written")
+# ----------------------------------------------------------------------------------------------
+# Small pieces: device, seeds, sampler, schedule, checkpoints
+
+
+def setup_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to train on: `device` if given, else CUDA when available, else CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto" -> bf16 on CUDA GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def default_num_workers() -> int:
+    """Data-loading processes: one per CPU core left after the main process, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(8, (cores or 1) - 1))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's random."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class PlaceSampler(torch.utils.data.Sampler):
+    """Every place once per epoch, in an order that depends only on (seed, epoch).
+
+    Yields (epoch, place index) pairs: the epoch travels with each index into the data-loading
+    workers (see `_EpochItems`), so persistent workers see the right epoch too.
+    `num_samples` keeps only the first places of each epoch's order (for short smoke runs).
+    """
+
+    def __init__(self, num_places: int, seed: int = 0, num_samples: int | None = None):
+        if num_places <= 0:
+            raise ValueError(f"the training dataset is empty (num_places={num_places})")
+        self.num_places = num_places
+        self.seed = seed
+        self.num_samples = num_places if num_samples is None else min(num_samples, num_places)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        order = torch.randperm(self.num_places, generator=g)[: self.num_samples]
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """Wraps the training dataset so `ds[(epoch, i)]` calls `ds.set_epoch(epoch)` when needed.
+
+    Why: persistent DataLoader workers hold their own copy of the dataset, so a `set_epoch`
+    call in the main process would not reach them; passing the epoch with each index does.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.epoch = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        return self.dataset[index]
+
+
+def make_loader(
+    dataset,
+    places_per_batch: int,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+    max_steps_per_epoch: int | None = None,
+) -> tuple[torch.utils.data.DataLoader, PlaceSampler]:
+    """DataLoader of P-place batches over a `PlaceSampler`; the last batch may be smaller."""
+    num_samples = None if max_steps_per_epoch is None else max_steps_per_epoch * places_per_batch
+    sampler = PlaceSampler(len(dataset), seed=seed, num_samples=num_samples)
+    loader = torch.utils.data.DataLoader(
+        _EpochItems(dataset),
+        batch_size=places_per_batch,
+        sampler=sampler,
+        drop_last=False,
+        collate_fn=getattr(dataset, "collate_fn", None),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+    return loader, sampler
+
+
+def lr_factor(
+    step: int,
+    *,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    milestones: Sequence[int] = (5, 10, 15, 25),
+    gamma: float = 0.3,
+) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based).
+
+    Linear warm-up: (step + 1) / warmup_steps until it reaches 1, times
+    gamma ** (number of milestone epochs reached by the epoch this step belongs to).
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    epoch = step // steps_per_epoch
+    return warm * gamma ** sum(epoch >= m for m in milestones)
+
+
+def make_optimizer(
+    params, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or AdamW (later work; momentum unused)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def _rng_state() -> dict:
+    """All global RNG states as tensors and primitives (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write a training checkpoint atomically (under DDP only rank 0 should call this)."""
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by `fit` (weights_only: tensors and primitives only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path) -> None:
+    """Raise naming every argument that differs from the checkpoint's run."""
+    saved = ckpt.get("fit_args", {})
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {fit_args[k]!r}"
+        for k in RESUME_MUST_MATCH
+        if saved.get(k) != fit_args[k]
+    ]
+    if ckpt.get("model_config") != model_config:
+        diffs.append(f"model_config: checkpoint {ckpt.get('model_config')!r}, now {model_config!r}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {path}: arguments differ from the checkpointed run:\n  "
+            + "\n  ".join(diffs)
+        )
+
+
+def _as_benchmarks(val) -> list:
+    """`val` (None, a Benchmark, a name/path, or a list of them) -> list of Benchmarks."""
+    if val is None:
+        return []
+    items = list(val) if isinstance(val, (list, tuple)) else [val]
+    from .benchmarks import load_benchmark
+
+    return [load_benchmark(v) if isinstance(v, (str, os.PathLike)) else v for v in items]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> python numbers, so history rows load with weights_only=True."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm.auto bar (notebook-friendly), or None when disabled or tqdm is missing."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def fit(
+    model: torch.nn.Module,
+    train_dataset,
+    *,
+    epochs: int,
+    places_per_batch: int = 100,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    warmup_steps: int = 300,
+    milestones: Sequence[int] = (5, 10, 15, 25),
+    gamma: float = 0.3,
+    loss: str | torch.nn.Module = "MultiSimilarityLoss",
+    miner: str | torch.nn.Module | None = "MultiSimilarityMiner",
+    precision: str = "auto",
+    compile: bool | str = False,
+    channels_last: bool | None = None,
+    val=None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool | str = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    max_steps_per_epoch: int | None = None,
+    log_every: int = 10,
+):
+    """Train `model` on `train_dataset` (P places x K images per batch); return the history.
+
+    Knobs (defaults follow the paper's recipe, lr from later work):
+    - epochs, places_per_batch (P; K comes from the dataset), lr, optimizer ("sgd" | "adamw"),
+      momentum (SGD only), weight_decay.
+    - warmup_steps: linear warm-up from ~0 to lr. The paper used ~500-650 steps on the full
+      data (about one epoch); here the warm-up is clipped to one epoch, so short runs on small
+      data reach the full lr after their first epoch (and the schedule does not depend on
+      `epochs`, which keeps resuming with a larger `epochs` exact).
+    - milestones, gamma: lr x gamma at each milestone epoch (0-based), as MultiStepLR.
+    - loss, miner: pytorch-metric-learning class names or instances (miner None: all pairs).
+    - precision: "auto" = bf16 autocast on CUDA if supported, else fp16 with a GradScaler;
+      fp32 on CPU. Or "fp32" / "bf16" / "fp16". The loss is always computed in fp32.
+    - compile: True wraps the model in torch.compile; "auto" does so on CUDA only (on CPU the
+      compile time rarely pays off). channels_last: None = True on CUDA.
+    - val: a Benchmark, a name/path for `load_benchmark`, or a list of them; after each epoch
+      each gets R@1/5/10 columns named `<benchmark>_R@k`.
+    - checkpoint_dir: writes `last.ckpt` each epoch and `best.ckpt` when the first benchmark's
+      R@1 improves. resume: True continues from `last.ckpt` (error if it is missing),
+      "auto" continues if it exists and starts fresh otherwise (handy on Colab).
+    - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
+      on (seed, e). Initialising the model before calling fit is the caller's business.
+    - device: None = CUDA if available. num_workers: None = one per spare core (at most 8).
+    - progress: per-epoch tqdm bar with loss, b_acc and images/s, updated every `log_every`
+      steps. max_steps_per_epoch: cut epochs short (smoke runs).
+
+    Returns a DataFrame with one row per epoch: epoch (0-based), steps (optimizer steps so
+    far), loss and b_acc (epoch means), lr (of the epoch's last step), seconds and
+    images_per_s (training part of the epoch), then `<benchmark>_R@1/5/10` in [0, 1].
+    b_acc is the share of images that produced no hard positive pair (see losses.py).
+    """
+    import pandas as pd
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if places_per_batch < 2:
+        raise ValueError(f"places_per_batch must be >= 2, got {places_per_batch}")
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs checkpoint_dir (where last.ckpt is)")
+    device = setup_device(device)
+    precision = resolve_precision(precision, device)
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    benchmarks = _as_benchmarks(val)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fit_args = {
+        "epochs": epochs,
+        "places_per_batch": places_per_batch,
+        "lr": lr,
+        "optimizer": optimizer,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps,
+        "milestones": [int(m) for m in milestones],
+        "gamma": gamma,
+        "loss": loss if isinstance(loss, str) else type(loss).__name__,
+        "miner": miner if isinstance(miner, str) or miner is None else type(miner).__name__,
+        "precision": precision,
+        "seed": seed,
+        "max_steps_per_epoch": max_steps_per_epoch,
+        "num_places": len(train_dataset),
+    }
+    seed_everything(seed)
+
+    # Model, loss, miner, optimizer, schedule, scaler.
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = (get_loss(loss) if isinstance(loss, str) else loss).to(device)
+    miner_fn = get_miner(miner) if isinstance(miner, str) else miner
+    params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
+    opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
+    loader, sampler = make_loader(
+        train_dataset, places_per_batch, seed, num_workers, device, max_steps_per_epoch
+    )
+    steps_per_epoch = len(loader)
+    schedule = partial(
+        lr_factor,
+        warmup_steps=min(warmup_steps, steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        milestones=tuple(milestones),
+        gamma=gamma,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    model_config = getattr(model, "config", None)
+
+    # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
+    start_epoch, global_step, history = 0, 0, []
+    last_path = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
+    if resume == "auto" and not last_path.is_file():
+        warnings.warn(f"resume='auto': no checkpoint at {last_path}, starting fresh", stacklevel=2)
+    elif resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(
+                f"resume=True but there is no checkpoint at {last_path}; "
+                "use resume='auto' to start fresh when it is missing"
+            )
+        ckpt = load_checkpoint(last_path)
+        _check_resume_args(ckpt, fit_args, model_config, last_path)
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("loss"):
+            loss_fn.load_state_dict(ckpt["loss"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+        history = list(ckpt["history"])
+    key_metric = f"{benchmarks[0].name}_R@1" if benchmarks else None
+    best = max((row[key_metric] for row in history), default=-1.0) if key_metric else None
+
+    use_compile = compile is True or (compile == "auto" and device.type == "cuda")
+    forward = torch.compile(model) if use_compile else model
+    batch_to_device = getattr(train_dataset, "batch_to_device", None)
+
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        if hasattr(train_dataset, "set_epoch"):
+            train_dataset.set_epoch(epoch)
+        model.train()
+        bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
+        t0 = time.perf_counter()
+        for batch_images, labels in loader:
+            if batch_to_device is not None:
+                x = batch_to_device(batch_images, device, channels_last=channels_last)
+            else:
+                x = to_model_input(batch_images, device, channels_last=channels_last)
+            labels = labels.reshape(-1).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                descriptors = forward(x)
+            descriptors = descriptors.float()  # loss and mining in fp32
+            mined = miner_fn(descriptors, labels) if miner_fn is not None else None
+            loss_value = loss_fn(descriptors, labels, mined)
+
+            step_lr = opt.param_groups[0]["lr"]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss_value).backward()
+            scaler.step(opt)
+            scaler.update()
+            scheduler.step()
+
+            steps += 1
+            global_step += 1
+            images += labels.numel()
+            loss_sum += loss_value.item()
+            b_acc = batch_accuracy(mined, labels.numel()) if mined is not None else math.nan
+            bacc_sum += b_acc
+            if bar is not None:
+                bar.update(1)
+                if steps % log_every == 0 or steps == steps_per_epoch:
+                    rate = images / (time.perf_counter() - t0)
+                    bar.set_postfix(
+                        loss=f"{loss_value.item():.4f}", b_acc=f"{b_acc:.3f}", img_s=f"{rate:.0f}"
+                    )
+        seconds = time.perf_counter() - t0
+        row = {
+            "epoch": epoch,
+            "steps": global_step,
+            "loss": loss_sum / max(steps, 1),
+            "b_acc": bacc_sum / max(steps, 1),
+            "lr": step_lr,
+            "seconds": seconds,
+            "images_per_s": images / seconds if seconds > 0 else math.nan,
+        }
+        row.update(validate(model, benchmarks, device, num_workers))
+        model.train()
+        if bar is not None:
+            shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "b_acc") or "R@1" in k}
+            bar.set_postfix(shown)
+            bar.close()
+        history.append({k: _plain(v) for k, v in row.items()})
+
+        if ckpt_dir is not None:
+            state = {
+                "state_dict": model.state_dict(),
+                "model_config": model_config,
+                "epoch": epoch,
+                "global_step": global_step,
+                "optimizer": opt.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "loss": loss_fn.state_dict() if any(True for _ in loss_fn.parameters()) else None,
+                "rng": _rng_state(),
+                "history": history,
+                "fit_args": fit_args,
+            }
+            save_checkpoint(ckpt_dir / "last.ckpt", state)
+            if key_metric is not None and row[key_metric] > best:
+                best = row[key_metric]
+                save_checkpoint(ckpt_dir / "best.ckpt", state)
+    return pd.DataFrame(history)
+
+
+def validate(model, benchmarks: list, device: torch.device, num_workers: int) -> dict:
+    """Recall@1/5/10 of `model` on each benchmark, as `{"<name>_R@k": fraction}`."""
+    if not benchmarks:
+        return {}
+    from .evaluate import evaluate
+
+    out = {}
+    for bench in benchmarks:
+        res = evaluate(
+            model, bench, device=device, num_workers=num_workers, ks=RECALL_KS, progress=False
+        )
+        for k in RECALL_KS:
+            out[f"{bench.name}_R@{k}"] = float(res.recalls[k])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _resume_arg(text: str) -> bool | str:
+    if text == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+
+
+def _gsv_root(data_root: str | None) -> Path:
+    """The GSV-Cities folder: --data-root (itself or its GSV-Cities/), else the env variables."""
+    if data_root is None:
+        data_root = os.environ.get("GSV_CITIES_ROOT") or os.environ.get("VPRLIB_DATA")
+        if data_root is None:
+            raise ValueError("give --data-root (or set GSV_CITIES_ROOT or VPRLIB_DATA)")
+    root = Path(data_root)
+    for candidate in (root, root / "GSV-Cities"):
+        if (candidate / "Dataframes").is_dir():
+            return candidate
+    raise FileNotFoundError(f"no Dataframes/ folder in {root} or {root / 'GSV-Cities'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vprlib.train",
+        description="Train a VPR model on GSV-Cities (P places x K images, Multi-Similarity loss).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--data-root",
+        help="GSV-Cities folder or a folder holding GSV-Cities/ "
+        "(default: $GSV_CITIES_ROOT, else $VPRLIB_DATA)",
+    )
+    d.add_argument("--cities", nargs="+", default=None, help="city names (default: all)")
+    d.add_argument("--image-size", nargs=2, type=int, default=[320, 320], metavar=("H", "W"))
+    d.add_argument("--img-per-place", type=int, default=4)
+    d.add_argument("--min-img-per-place", type=int, default=4)
+    d.add_argument("--decode", choices=("cpu", "gpu"), default="cpu")
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", default="resnet50")
+    m.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ImageNet weights for the backbone (downloaded by torchvision)",
+    )
+    m.add_argument("--layers-to-freeze", type=int, default=2)
+    m.add_argument("--layers-to-crop", nargs="*", type=int, default=[4])
+    m.add_argument("--agg", default="convap")
+    m.add_argument("--agg-config", type=json.loads, default=None, help="JSON dict")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--places-per-batch", type=int, default=100)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=300)
+    t.add_argument("--milestones", nargs="*", type=int, default=[5, 10, 15, 25])
+    t.add_argument("--gamma", type=float, default=0.3)
+    t.add_argument("--loss", default="MultiSimilarityLoss")
+    t.add_argument("--miner", default="MultiSimilarityMiner")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--num-workers", type=int, default=None)
+    t.add_argument("--max-steps-per-epoch", type=int, default=None)
+    t.add_argument("--no-progress", action="store_true")
+    o = p.add_argument_group("validation and checkpoints")
+    o.add_argument("--val", nargs="*", default=[], help="benchmark names or folders")
+    o.add_argument(
+        "--benchmarks-root",
+        default=None,
+        help="where named benchmarks live (default: $VPR_BENCHMARKS_ROOT, "
+        "else $VPRLIB_DATA/benchmarks)",
+    )
+    o.add_argument("--checkpoint-dir", default=None)
+    o.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_resume_arg,
+        help="continue from <checkpoint-dir>/last.ckpt; 'auto': only if it exists",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None):
+    """CLI entry: build dataset and model from the arguments, train, print and save history."""
+    args = build_parser().parse_args(argv)
+    from .benchmarks import load_benchmark
+    from .gsv_cities import GSVCitiesDataset
+    from .models import VPRModel
+
+    dataset = GSVCitiesDataset(
+        _gsv_root(args.data_root),
+        cities=args.cities,
+        img_per_place=args.img_per_place,
+        min_img_per_place=args.min_img_per_place,
+        image_size=tuple(args.image_size),
+        seed=args.seed,
+        decode=args.decode,
+    )
+    model = VPRModel(
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        layers_to_freeze=args.layers_to_freeze,
+        layers_to_crop=tuple(args.layers_to_crop),
+        agg=args.agg,
+        agg_config=args.agg_config,
+    )
+    val = [load_benchmark(v, root=args.benchmarks_root) for v in args.val]
+    history = fit(
+        model,
+        dataset,
+        epochs=args.epochs,
+        places_per_batch=args.places_per_batch,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        milestones=tuple(args.milestones),
+        gamma=args.gamma,
+        loss=args.loss,
+        miner=args.miner,
+        precision=args.precision,
+        compile=args.compile,
+        val=val or None,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+    )
+    print(history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.checkpoint_dir is not None:
+        atomic_write_text(Path(args.checkpoint_dir) / "history.csv", history.to_csv(index=False))
+    return history
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,77 @@
+"""torch.hub entry points for vprlib models.
+
+    model = torch.hub.load("<owner>/<repo>", "convap", dim=4096)          # released weights
+    model = torch.hub.load("/path/to/repo", "convap", source="local", dim=512, pretrained=False)
+
+Only Conv-AP has released weights (ResNet50 + Conv-AP, descriptor 512, 2048, 4096 or 8192);
+gem, cosplace, mixvpr, netvlad and avg build untrained models of the same family. Extra
+keyword arguments go to `vprlib.VPRModel` (untrained) or `vprlib.load_pretrained` (released).
+`imagenet=True` (or a path to a torchvision state dict) starts an untrained model's backbone
+from ImageNet weights.
+"""
+
+dependencies = ["torch", "torchvision"]
+
+from vprlib.models import VPRModel, load_pretrained  # noqa: E402
+
+# Descriptor dim -> released file (ResNet50 with layer4 + Conv-AP 2x2).
+CONVAP_RELEASED = {
+    512: "resnet50_ConvAP_128_2x2",
+    2048: "resnet50_ConvAP_512_2x2",
+    4096: "resnet50_ConvAP_1024_2x2",
+    8192: "resnet50_ConvAP_2048_2x2",
+}
+
+
+def convap(dim: int = 4096, pretrained: bool = True, imagenet: bool | str = False, **kw):
+    """ResNet50 + Conv-AP (GSV-Cities). dim in 512/2048/4096/8192 picks the released file;
+    pretrained=False builds the same architecture untrained."""
+    if dim not in CONVAP_RELEASED:
+        raise ValueError(f"convap: dim must be one of {sorted(CONVAP_RELEASED)}, got {dim!r}")
+    if pretrained:
+        if imagenet is not False:
+            raise ValueError("convap: imagenet= only applies with pretrained=False")
+        return load_pretrained(CONVAP_RELEASED[dim], **kw)
+    agg_config = {"out_channels": dim // 4, "s1": 2, "s2": 2, **kw.pop("agg_config", {})}
+    return VPRModel(
+        **{"backbone": "resnet50", "layers_to_crop": (), **kw},
+        pretrained=imagenet,
+        agg="convap",
+        agg_config=agg_config,
+    )
+
+
+def _untrained(agg: str, pretrained: bool, imagenet: bool | str, kw: dict):
+    if pretrained:
+        raise ValueError(
+            f"{agg}: no released weights are wired for this aggregator; the released weights "
+            f"are Conv-AP only: convap(dim=...) with dim in {sorted(CONVAP_RELEASED)}. "
+            "Use pretrained=False for an untrained model, or vprlib.load_pretrained(path) for "
+            "a checkpoint file in the same key layout (e.g. public MixVPR ResNet50 weights)"
+        )
+    return VPRModel(**kw, pretrained=imagenet, agg=agg)
+
+
+def gem(pretrained: bool = False, imagenet: bool | str = False, **kw):
+    """ResNet + GeM pooling (untrained)."""
+    return _untrained("gem", pretrained, imagenet, kw)
+
+
+def cosplace(pretrained: bool = False, imagenet: bool | str = False, **kw):
+    """ResNet + CosPlace head (untrained)."""
+    return _untrained("cosplace", pretrained, imagenet, kw)
+
+
+def mixvpr(pretrained: bool = False, imagenet: bool | str = False, **kw):
+    """ResNet + MixVPR (untrained)."""
+    return _untrained("mixvpr", pretrained, imagenet, kw)
+
+
+def netvlad(pretrained: bool = False, imagenet: bool | str = False, **kw):
+    """ResNet + NetVLAD (untrained)."""
+    return _untrained("netvlad", pretrained, imagenet, kw)
+
+
+def avg(pretrained: bool = False, imagenet: bool | str = False, **kw):
+    """ResNet + global average pooling (untrained)."""
+    return _untrained("avg", pretrained, imagenet, kw)

@@ -1,0 +1,218 @@
+"""Released Conv-AP weights: names, the download cache and integrity checks.
+
+The four released checkpoints live in a public Google Drive folder. `fetch_released(name)`
+downloads one, once, into `torch.hub.get_dir()/checkpoints/` (the folder torch.hub and
+torchvision use), through a temporary file renamed only when complete, so an interrupted
+download never leaves a truncated file in the cache.
+
+Integrity: the first time a cached file is used, its size and SHA-256 are recorded in a
+sidecar `<file>.json`; every later use checks the file against it and a mismatch raises,
+naming the file. (Trust on first use: no hashes of the released files are published.)
+
+Tests and mirrors: pass `url=` to download with plain urllib from any HTTP server instead of
+Drive, or `downloader=` for a custom fetcher. gdown is only needed for the Drive path and is
+imported inside the function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from .fileio import atomic_open, atomic_write_text
+
+DRIVE_FOLDER_ID = "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL"
+DRIVE_FOLDER_URL = f"https://drive.google.com/drive/folders/{DRIVE_FOLDER_ID}"
+
+# Released name -> descriptor dimension (ResNet50 with layer4 + Conv-AP, s1 = s2 = 2).
+RELEASED: dict[str, int] = {
+    "resnet50_ConvAP_2048_2x2": 8192,
+    "resnet50_ConvAP_1024_2x2": 4096,
+    "resnet50_ConvAP_512_2x2": 2048,
+    "resnet50_ConvAP_128_2x2": 512,
+}
+# The 4096-d model was trained with bicubic resizing; the others with bilinear.
+BICUBIC_RELEASED = {"resnet50_ConvAP_1024_2x2"}
+# Friendly aliases: convap-<descriptor dim>.
+ALIASES: dict[str, str] = {f"convap-{dim}": name for name, dim in RELEASED.items()}
+
+# A downloader writes the bytes of the released file `filename` into the open binary file.
+Downloader = Callable[[str, IO[bytes]], None]
+
+
+def released_name(name: str) -> str | None:
+    """Canonical released name for `name` (with or without `.ckpt`, or an alias), else None."""
+    stem = name[: -len(".ckpt")] if name.endswith(".ckpt") else name
+    if stem in RELEASED:
+        return stem
+    return ALIASES.get(stem.lower())
+
+
+def valid_released_names() -> list[str]:
+    """Every name `load_pretrained` accepts as a released model (without `.ckpt`)."""
+    return sorted(RELEASED) + sorted(ALIASES)
+
+
+def cache_dir() -> Path:
+    """The shared torch hub checkpoint folder: `torch.hub.get_dir()/checkpoints`."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def fetch_released(
+    name: str,
+    *,
+    url: str | None = None,
+    downloader: Downloader | None = None,
+    folder: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Path to the released checkpoint `name` in the cache, downloading it on first use.
+
+    `url`: fetch with urllib from this address instead of Google Drive; `downloader`: a
+    custom `(filename, binary_file) -> None`; `folder`: cache folder (default `cache_dir()`).
+    The cached file is verified against its sidecar size/SHA-256 on every call.
+    """
+    canonical = released_name(name)
+    if canonical is None:
+        raise KeyError(f"unknown released model {name!r}; valid names: {valid_released_names()}")
+    filename = canonical + ".ckpt"
+    path = Path(folder) if folder is not None else cache_dir()
+    path = path / filename
+    if not path.exists():
+        if url is not None and downloader is not None:
+            raise ValueError("pass either url or downloader, not both")
+        if url is not None:
+            download_to(path, lambda f: http_download(url, f, progress=progress))
+        elif downloader is not None:
+            download_to(path, lambda f: downloader(filename, f))
+        else:
+            download_to(path, lambda f: gdrive_download(filename, f, progress=progress))
+    verify_or_record(path)
+    return path
+
+
+def download_to(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Run `write(file)` into a temporary file beside `path`, renamed onto `path` on success.
+
+    Any exception (network error, short read) removes the temporary file and propagates.
+    """
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        write(f)
+    return path
+
+
+def http_download(url: str, f: IO[bytes], progress: bool = True, timeout: float = 60.0) -> int:
+    """Stream `url` into the open binary file `f`; returns the byte count.
+
+    Raises OSError when the server sends fewer (or more) bytes than its Content-Length.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            expected = int(length) if length is not None else None
+            bar = _progress_bar(expected, url.rsplit("/", 1)[-1], progress)
+            received = 0
+            try:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    received += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+    except http.client.IncompleteRead as e:
+        raise OSError(f"download of {url} ended early: {e}") from e
+    if expected is not None and received != expected:
+        raise OSError(
+            f"download of {url} incomplete: got {received} bytes, Content-Length {expected}"
+        )
+    return received
+
+
+def gdrive_download(filename: str, f: IO[bytes], progress: bool = True) -> None:
+    """Write the file `filename` of the public Drive folder into `f` (needs gdown)."""
+    try:
+        import gdown
+    except ImportError as e:
+        raise ImportError(
+            "downloading the released weights needs gdown (pip install gdown), or download "
+            f"{filename} from {DRIVE_FOLDER_URL} yourself and put it in {cache_dir()}"
+        ) from e
+    try:
+        listing = gdown.download_folder(
+            url=DRIVE_FOLDER_URL, skip_download=True, use_cookies=False, quiet=not progress
+        )
+    except Exception as e:  # gdown raises several types for network / Drive failures
+        raise RuntimeError(
+            f"could not list the Google Drive folder {DRIVE_FOLDER_URL} ({e}); download "
+            f"{filename} by hand and put it in {cache_dir()}, or pass its path"
+        ) from e
+    matches = [item for item in listing if Path(item.path).name == filename]
+    if not matches:
+        found = sorted(Path(item.path).name for item in listing)
+        raise FileNotFoundError(f"{filename} not found in {DRIVE_FOLDER_URL}; found {found}")
+    gdown.download(id=matches[0].id, output=f, quiet=not progress, use_cookies=False)
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, int | str]:
+    """Size in bytes and SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the size/SHA-256 record of a cached file lives: `<file>.json` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def verify_or_record(path: str | os.PathLike) -> dict[str, int | str]:
+    """Check `path` against its sidecar record, or write the record if there is none.
+
+    Raises ValueError naming the file when its size or SHA-256 differs from the record.
+    """
+    path = Path(path)
+    digest = file_digest(path)
+    side = sidecar_path(path)
+    if not side.exists():
+        atomic_write_text(side, json.dumps({"file": path.name, **digest}, indent=1) + "\n")
+        return digest
+    try:
+        record = json.loads(side.read_text())
+        expected = {"size": int(record["size"]), "sha256": str(record["sha256"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable integrity record {side}: {e}") from e
+    if digest != expected:
+        raise ValueError(
+            f"{path} does not match its recorded size/SHA-256 in {side} "
+            f"(recorded {expected['size']} bytes sha256 {expected['sha256'][:16]}..., "
+            f"found {digest['size']} bytes sha256 {str(digest['sha256'])[:16]}...): the file "
+            "changed or is corrupt; delete both files to download it again"
+        )
+    return digest
+
+
+def _progress_bar(total: int | None, desc: str, enabled: bool):
+    """A tqdm bar when tqdm is installed and `enabled`, else None."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)
