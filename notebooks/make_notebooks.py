@@ -197,12 +197,15 @@ CITY = None  # a city_id to map in detail; None = the city with the most places
         ),
         code(
             """
-            # places with at least 8 images (the recipe from the dataset README, per city)
-            per_city = df[df.groupby(["city_id", "place_id"])["place_id"].transform("size") >= 8]
-            # the same across cities with the unique `place` column
+            # The dataset README's recipe, as-is, on one city's rows (place_id is unique per city):
+            one_city = df[df["city_id"] == city]
+            kept = one_city[one_city.groupby("place_id")["place_id"].transform("size") >= 8]
+            print(f"{city}: {kept['place_id'].nunique()} of {one_city['place_id'].nunique()} places have >= 8 images")
+
+            # Across cities, group by the unique `place` column (what filter_min_images does):
             at_least_8 = df[df.groupby("place")["place"].transform("size") >= 8]
-            assert len(per_city) == len(at_least_8)
-            print(f"places with >= 8 images: {at_least_8['place'].nunique():,} "
+            assert at_least_8.equals(vprlib.gsv_cities.filter_min_images(df, 8))
+            print(f"all cities: {at_least_8['place'].nunique():,} places with >= 8 images "
                   f"({len(at_least_8):,} images)")
             """
         ),
@@ -215,14 +218,24 @@ CITY = None  # a city_id to map in detail; None = the city with the most places
             sel = sel[sel.groupby("place")["place"].transform("size") >= 16]
             print(f"... of which in places with >= 16 such images: {len(sel):,} images, "
                   f"{sel['place'].nunique():,} places")
+
+            # The same with the helpers of vprlib.gsv_cities:
+            from vprlib.gsv_cities import filter_dates, filter_hemisphere, filter_min_images
+
+            same = filter_min_images(
+                filter_dates(filter_hemisphere(df, "north"), years=range(2012, 2017), months=7), 16
+            )
+            assert same.equals(sel)
             """
         ),
         md(
             """
-            On the sample the last count is usually **0**: a place has at most 20 images spread
-            over about 15 years and 12 months, so 16 July images of one place between 2012 and
-            2016 cannot happen in a sample place. On the full dataset the same code works; the
-            filters just show how to combine conditions before the per-place count.
+            The last count is **0** on the sample, and expected: sample places have at most 12
+            images spread over 15 years and all months, so no place has 16 images from the
+            Julys of 2012-2016. Even on the full dataset (at most 20 images per place) such
+            places are rare; the cell shows how to combine row filters with a per-place count.
+            Note the order: filtering rows first and counting afterwards keeps only places with
+            16 images *that pass the filters*.
             """
         ),
         md(
@@ -558,7 +571,7 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
         code(
             """
             fig = plots.plot_recalls({name: r.recalls for name, r in results.items()})
-            fig.axes[0].set_title(f"Recall@K of {Path(str(WEIGHTS)).name}")
+            fig.axes[0].set_title(f"Recall@K of {Path(str(WEIGHTS)).parent.name}/{Path(str(WEIGHTS)).name}")
             plots.save_figure(fig, FIGURES / "03_recalls.png");
             """
         ),

@@ -146,7 +146,7 @@ def test_plot_retrieval_grid_from_results(image_files):
 def test_plot_history_panels_and_values():
     history = pd.DataFrame(
         {
-            "epoch": [1, 2, 3],
+            "epoch": [0, 1, 2],
             "loss": [2.0, 1.5, 1.0],
             "b_acc": [0.1, 0.3, 0.5],
             "lr": [0.03, 0.03, 0.009],
@@ -156,6 +156,8 @@ def test_plot_history_panels_and_values():
     fig = plots.plot_history(history)
     assert len(fig.axes) == 4
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [2.0, 1.5, 1.0])
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_xdata(), [1, 2, 3])  # 0-based -> 1-based
+    assert fig.axes[2].yaxis.get_major_formatter()(0.05, 0) == "0.05"
     np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), [25, 50, 75])  # percent
     assert fig.axes[3].get_ylabel() == "recall (%)"
     _has_text(fig)
@@ -230,3 +232,12 @@ def test_save_figure_writes_png(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["years.png"]  # no temp file left
     with pytest.raises(ValueError, match=r"\.png"):
         plots.save_figure(fig, tmp_path / "years.jpg")
+
+
+def test_plot_failure_distances_skips_nan():
+    fig = plots.plot_failure_distances([30.0, 120.0, np.nan, 80.0], bins=4)
+    ax = fig.axes[0]
+    assert sum(_bar_heights(ax)) == 3 and "3 failures" in ax.get_title()
+    _has_text(fig)
+    fig = plots.plot_failure_distances([np.nan])
+    assert not fig.axes[0].patches and "no failures" in fig.axes[0].texts[0].get_text()

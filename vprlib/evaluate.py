@@ -19,23 +19,25 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .benchmarks import Benchmark, load_benchmark
 from .fileio import atomic_open
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_jpeg_batch,
+    eval_transform,
+    load_image,
+    read_image_bytes,
+    to_model_input,
+)
 
 KS = (1, 5, 10, 15, 20, 25)
 DEFAULT_IMAGE_SIZE = (320, 320)
 SEARCH_CHUNK = 4096
 
-_PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,27 +58,18 @@ def preprocess_config(
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f"image_size must be an int or (H, W) of positive ints, got {size}")
     interp = interpolation if interpolation is not None else pre.get("interpolation", "bilinear")
-    if interp not in _PIL_INTERPOLATION:
-        raise ValueError(
-            f"interpolation must be one of {sorted(_PIL_INTERPOLATION)}, got {interp!r}"
-        )
+    if interp not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interp!r}")
     mean = tuple(pre.get("mean", IMAGENET_MEAN))
     std = tuple(pre.get("std", IMAGENET_STD))
     return {"image_size": size, "interpolation": interp, "mean": mean, "std": std}
 
 
-def load_eval_image(path: str, image_size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """Read an image as RGB and resize it (stretching, no crop) -> uint8 tensor [3, H, W]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize(
-            (image_size[1], image_size[0]), resample=_PIL_INTERPOLATION[interpolation]
-        )
-        arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
 class ImageFiles(Dataset):
-    """Image paths -> (uint8 [3,H,W] resized image, index); or raw file bytes when `raw`."""
+    """Image paths -> (uint8 [3,H,W] image resized for evaluation, index).
+
+    With `raw`, items are the undecoded file bytes instead (decoded later on the device).
+    """
 
     def __init__(
         self,
@@ -86,48 +79,20 @@ class ImageFiles(Dataset):
         raw: bool = False,
     ):
         self.paths = [str(p) for p in paths]
-        self.image_size = image_size
-        self.interpolation = interpolation
+        self.transform = eval_transform(image_size, interpolation)
         self.raw = raw
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[i]
         if self.raw:
-            with open(path, "rb") as f:
-                data = f.read()
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), i
-        return load_eval_image(path, self.image_size, self.interpolation), i
+            return read_image_bytes(self.paths[i]), i
+        return self.transform(load_image(self.paths[i])), i
 
 
 def _collate_raw(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [b for b, _ in items], torch.tensor([i for _, i in items], dtype=torch.int64)
-
-
-def _decode_on_device(
-    encoded: list[torch.Tensor],
-    device: torch.device,
-    image_size: tuple[int, int],
-    interpolation: str,
-) -> torch.Tensor:
-    """Decode JPEG bytes on `device` (nvJPEG on CUDA) and resize -> uint8 [N,3,H,W]."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    target = device if device.type == "cuda" else "cpu"
-    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=target)
-    mode = "nearest" if interpolation == "nearest" else interpolation
-    if mode == "lanczos":
-        raise ValueError("gpu_decode supports nearest/bilinear/bicubic resizing, not lanczos")
-    out = []
-    for im in images:
-        x = im.unsqueeze(0).float()
-        x = torch.nn.functional.interpolate(
-            x, size=image_size, mode=mode, antialias=mode != "nearest", align_corners=None
-        )
-        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out).to(device)
 
 
 def default_num_workers() -> int:
@@ -229,8 +194,12 @@ def extract_descriptors(
             for batch in batches:
                 images = batch[0] if isinstance(batch, (list, tuple)) else batch
                 if gpu_decode:
-                    images = _decode_on_device(
-                        images, device, pre["image_size"], pre["interpolation"]
+                    images = decode_jpeg_batch(
+                        images,
+                        device,
+                        pre["image_size"],
+                        pre["interpolation"],
+                        names=paths[start : start + len(images)],
                     )
                 x = to_model_input(
                     images, device, pre["mean"], pre["std"], channels_last=device.type == "cuda"
@@ -243,6 +212,11 @@ def extract_descriptors(
                     )
                 desc = desc.float()
                 stop = start + desc.shape[0]
+                if stop > n:
+                    raise ValueError(
+                        f"got more descriptors ({stop}) than dataset items ({n}): items must be "
+                        "single images [3,H,W] (or tuples starting with one)"
+                    )
                 if not torch.isfinite(desc).all():
                     bad = paths[start:stop] if paths is not None else f"items {start}..{stop - 1}"
                     raise ValueError(
@@ -297,16 +271,20 @@ def _as_float32(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return x
 
 
-def _flat_index(dim: int, use_gpu: bool | None) -> faiss.Index:
-    """Exact L2 index, on the GPU when faiss has one (and `use_gpu` is not False)."""
+def _flat_index(dim: int, use_gpu: bool | None) -> tuple[faiss.Index, Any]:
+    """Exact L2 index, on the GPU when faiss has one (and `use_gpu` is not False).
+
+    Returns (index, resources): keep the GPU resources alive as long as the index.
+    """
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu is None:
         use_gpu = gpus > 0
     if use_gpu:
         if gpus == 0 or not hasattr(faiss, "StandardGpuResources"):
             raise RuntimeError("use_gpu=True but this faiss build sees no GPU (install faiss-gpu)")
-        return faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim)
-    return faiss.IndexFlatL2(dim)
+        resources = faiss.StandardGpuResources()
+        return faiss.GpuIndexFlatL2(resources, dim), resources
+    return faiss.IndexFlatL2(dim), None
 
 
 def search(
@@ -333,7 +311,7 @@ def search(
         raise ValueError(f"k must be between 1 and the database size {len(db)}, got k={k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    index = _flat_index(db.shape[1], use_gpu)
+    index, _resources = _flat_index(db.shape[1], use_gpu)
     index.add(db)
     indices = np.empty((len(q), k), dtype=np.int64)
     distances = np.empty((len(q), k), dtype=np.float32)

@@ -236,11 +236,11 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
     return df
 
 
-def _file_names(df: pd.DataFrame) -> list[str]:
-    """File names (without extension) of the rows of one city. One formatting pass; lat/lon
-    use %r, i.e. Python's shortest float repr, like the dataset's own names."""
-    city_id = df["city_id"].iloc[0]
-    fmt = city_id.replace("%", "%%") + "_%07d_%04d_%02d_%03d_%r_%r_%s"
+def _relative_paths(df: pd.DataFrame, ext: str = ".jpg") -> list[str]:
+    """`Images/<city_id>/<file name>` of the rows of one city, in one formatting pass;
+    lat/lon use %r, i.e. Python's shortest float repr, like the dataset's own names."""
+    city_id = df["city_id"].iloc[0].replace("%", "%%")
+    fmt = f"Images/{city_id}/{city_id}_%07d_%04d_%02d_%03d_%r_%r_%s{ext}"
     cols = [
         df[c].tolist() for c in ("place_id", "year", "month", "northdeg", "lat", "lon", "panoid")
     ]
@@ -249,22 +249,22 @@ def _file_names(df: pd.DataFrame) -> list[str]:
 
 def _attach_paths(root: Path, df: pd.DataFrame, csv_path: Path, check_files: bool, on_missing):
     """Add `path` (relative to root); keep rows whose image exists (see read_gsv_dataframes)."""
-    city_id = df["city_id"].iloc[0]
-    stems = pd.Series(_file_names(df), index=df.index, dtype=object)
-    prefix = f"Images/{city_id}/"
+    paths = _relative_paths(df)
     if not check_files:
-        df["path"] = (prefix + stems + ".jpg").astype(str)
+        df["path"] = pd.Series(paths, index=df.index, dtype=str)
         return df
+    city_id = df["city_id"].iloc[0]
     folder = root / "Images" / city_id
-    listed = set(os.listdir(folder)) if folder.is_dir() else set()
-    jpg = stems + ".jpg"
-    found = jpg.isin(listed)
-    if not found.all():
-        upper = stems + ".JPG"
+    prefix = f"Images/{city_id}/"
+    listed = {prefix + n for n in os.listdir(folder)} if folder.is_dir() else set()
+    path = pd.Series(paths, index=df.index, dtype=object)
+    found = path.isin(listed)
+    if not found.all():  # the dataset README spells the extension .JPG: try it for the misses
+        upper = path.str.slice(0, -4) + ".JPG"
         use_upper = ~found & upper.isin(listed)
-        jpg = jpg.where(~use_upper, upper)
+        path = path.where(~use_upper, upper)
         found |= use_upper
-    df["path"] = (prefix + jpg).astype(str)
+    df["path"] = path.astype(str)
     if found.all():
         return df
     missing = df.loc[~found, "path"].tolist()

@@ -86,7 +86,7 @@ class ResNetBackbone(nn.Module):
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; valid names: {list(BACKBONES)}")
         crop = _check_crop(layers_to_crop)
-        if not isinstance(layers_to_freeze, int) or not -1 <= layers_to_freeze <= 4:
+        if type(layers_to_freeze) is not int or not -1 <= layers_to_freeze <= 4:
             raise ValueError(f"layers_to_freeze must be an int in -1..4, got {layers_to_freeze!r}")
         model = BACKBONES[name][0](weights=None)
         if pretrained is not False:
@@ -210,6 +210,9 @@ class VPRModel(nn.Module):
     def preprocess(self, value: dict[str, Any]) -> None:
         if not isinstance(value, dict):
             raise TypeError(f"preprocess must be a dict, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(PREPROCESS_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown preprocess key(s) {unknown}; valid: {PREPROCESS_OPTIONS}")
         self._preprocess = make_preprocess(**value)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,8 +276,7 @@ def imagenet_state_dict(name: str, pretrained: bool | str | os.PathLike) -> dict
                 "or pretrained=False"
             ) from e
     if isinstance(pretrained, (str, os.PathLike)):
-        state = read_checkpoint(pretrained)[0]
-        return state
+        return read_checkpoint(pretrained)[0]
     raise ValueError(f"pretrained must be True, False or a file path, got {pretrained!r}")
 
 
@@ -305,9 +307,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = [ln for ln in lines if not ln.startswith("Check the documentation")][-1:]
         raise pickle.UnpicklingError(
-            f"refused to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers, which could run code (torch.load weights_only=True): {e}"
+            f"refused to load {path}: torch.load(weights_only=True) accepts only tensors and "
+            "plain containers, and this file holds something else (pickled objects, which "
+            "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
+            f"Loader said: {' '.join(detail)}"
         ) from e
     except RuntimeError as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e

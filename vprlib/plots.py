@@ -31,6 +31,13 @@ def _pyplot():
     return plt
 
 
+def _integer_y(ax) -> None:
+    """Counts are whole numbers: no 0.5 ticks on the y axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _require_columns(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -69,6 +76,7 @@ def plot_images_per_place(df: pd.DataFrame):
     ax.set_title(f"Images per place ({len(counts):,} places, {len(df):,} images)")
     ax.set_xlabel("images per place")
     ax.set_ylabel("number of places")
+    _integer_y(ax)
     ax.set_xticks(range(lo, hi + 1))
     fig.tight_layout()
     return fig
@@ -84,6 +92,7 @@ def plot_years(df: pd.DataFrame):
     ax.set_title("Images per year of capture")
     ax.set_xlabel("year")
     ax.set_ylabel("number of images")
+    _integer_y(ax)
     ax.set_xticks(counts.index.astype(int))
     ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
@@ -100,6 +109,7 @@ def plot_months(df: pd.DataFrame):
     ax.set_title("Images per month of capture")
     ax.set_xlabel("month")
     ax.set_ylabel("number of images")
+    _integer_y(ax)
     ax.set_xticks(range(1, 13), MONTHS)
     fig.tight_layout()
     return fig
@@ -116,7 +126,16 @@ def plot_headings(df: pd.DataFrame, bins: int = 36):
     ax.set_theta_zero_location("N")
     ax.set_theta_direction(-1)
     width = np.deg2rad(360 / bins)
-    ax.bar(np.deg2rad(edges[:-1]), counts, width=width, align="edge", color=QUERY_COLOUR)
+    ax.set_axisbelow(True)  # grid circles behind the bars
+    ax.bar(
+        np.deg2rad(edges[:-1]),
+        counts,
+        width=width,
+        align="edge",
+        color=QUERY_COLOUR,
+        edgecolor="white",
+        linewidth=0.5,
+    )
     ax.set_title("Camera headings (degrees from north)", pad=20)
     ax.set_xlabel("heading")
     ax.set_ylabel("images", labelpad=28)
@@ -230,8 +249,8 @@ def plot_retrieval(
     fig, axes = plt.subplots(1, k + 1, figsize=(2.4 * (k + 1), 2.6), squeeze=False)
     _retrieval_row(axes[0], query_path, topk_paths, correct, distances)
     axes[0, 0].set_xlabel("query image", fontsize=8)
-    axes[0, 1].set_xlabel("retrieved, nearest first (d = L2 distance)", fontsize=8, loc="left")
-    fig.suptitle(title or f"Top-{k} retrieval: green = within 25 m, red = wrong place")
+    axes[0, 1].set_xlabel("retrieved, nearest first (d = descriptor distance)", fontsize=8, loc="left")
+    fig.suptitle(title or f"Top-{k} retrieval: green = positive, red = wrong place")
     fig.tight_layout()
     return fig
 
@@ -256,7 +275,10 @@ def plot_retrieval_grid(results, query_indices: Sequence[int], k: int = 5):
             results.distances[q, :k],
             query_label=f"query {q}",
         )
-    fig.suptitle(f"{results.benchmark}: queries and their top-{k} (green = positive, red = wrong)")
+    fig.suptitle(
+        f"{results.benchmark}: queries (blue) and their top-{k}, green = positive (within the "
+        "distance threshold), red = wrong; d = descriptor distance"
+    )
     fig.tight_layout()
     return fig
 
@@ -267,13 +289,16 @@ def plot_retrieval_grid(results, query_indices: Sequence[int], k: int = 5):
 def plot_history(history: pd.DataFrame):
     """Training curves per epoch: loss, batch accuracy, learning rate and validation recall.
 
+    The `epoch` column is 0-based as `fit` writes it and is drawn 1-based (epoch 1 = first).
+
     Plots each of `loss`, `b_acc`, `lr` that is present, plus every column whose name
     contains "R@" (validation recall, drawn in percent if given as a fraction).
     """
     if len(history) == 0:
         raise ValueError("plot_history: the history has no rows (no epoch finished)")
+    # fit writes 0-based epochs; show them 1-based like its progress bar ("epoch 1/2").
     x = (
-        history["epoch"].to_numpy()
+        history["epoch"].to_numpy() + 1
         if "epoch" in history.columns
         else np.arange(1, len(history) + 1)
     )
@@ -286,14 +311,16 @@ def plot_history(history: pd.DataFrame):
         )
     n = len(panels) + (1 if recall_cols else 0)
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
     for ax, (col, label) in zip(axes[0], panels, strict=False):
         ax.plot(x, history[col].to_numpy(dtype=float), marker="o")
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(col)
-        if col == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        if col == "lr":  # plain numbers (0.05), not an offset like "5.0 + 1e-2"
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
     if recall_cols:
         ax = axes[0, -1]
         for col in recall_cols:
@@ -343,7 +370,7 @@ def plot_recalls(recalls: Mapping[str, Mapping[int, float]]):
     ax.set_xlabel("K (number of retrieved database images)")
     ax.set_ylabel("recall@K (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
@@ -422,5 +449,28 @@ def plot_compare(
         ax.set_ylabel(f"{recall_cols[0]} (%)")
         ax.margins(x=0.25, y=0.15)
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_failure_distances(metres, bins: int = 20):
+    """Histogram of how far (metres) the wrong top-1 matches are from their queries.
+
+    NaN entries (no coordinates) are left out; with no finite value the panel says so.
+    """
+    values = np.asarray(metres, dtype=float).reshape(-1)
+    finite = values[np.isfinite(values)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if finite.size:
+        ax.hist(finite, bins=bins, color=WRONG_COLOUR, edgecolor="white")
+        ax.axvline(25.0, color="black", linestyle="--", linewidth=1, label="25 m threshold")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no failures with known coordinates", ha="center", transform=ax.transAxes)
+    ax.set_title(f"Wrong top-1 matches: distance to the query ({finite.size} failures)")
+    ax.set_xlabel("distance between query and wrong top-1 (m)")
+    ax.set_ylabel("number of queries")
+    _integer_y(ax)
     fig.tight_layout()
     return fig

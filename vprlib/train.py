@@ -302,6 +302,7 @@ def fit(
     compile: bool | str = False,
     channels_last: bool | None = None,
     val=None,
+    val_image_size: int | Sequence[int] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool | str = False,
     seed: int = 0,
@@ -327,7 +328,8 @@ def fit(
     - compile: True wraps the model in torch.compile; "auto" does so on CUDA only (on CPU the
       compile time rarely pays off). channels_last: None = True on CUDA.
     - val: a Benchmark, a name/path for `load_benchmark`, or a list of them; after each epoch
-      each gets R@1/5/10 columns named `<benchmark>_R@k`.
+      each gets R@1/5/10 columns named `<benchmark>_R@k`. val_image_size: evaluation resize
+      (None: the model's `preprocess`, as `evaluate` does).
     - checkpoint_dir: writes `last.ckpt` each epoch and `best.ckpt` when the first benchmark's
       R@1 improves. resume: True continues from `last.ckpt` (error if it is missing),
       "auto" continues if it exists and starts fresh otherwise (handy on Colab).
@@ -481,7 +483,7 @@ def fit(
             "seconds": seconds,
             "images_per_s": images / seconds if seconds > 0 else math.nan,
         }
-        row.update(validate(model, benchmarks, device, num_workers))
+        row.update(validate(model, benchmarks, device, num_workers, val_image_size))
         model.train()
         if bar is not None:
             shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "b_acc") or "R@1" in k}
@@ -510,7 +512,13 @@ def fit(
     return pd.DataFrame(history)
 
 
-def validate(model, benchmarks: list, device: torch.device, num_workers: int) -> dict:
+def validate(
+    model: torch.nn.Module,
+    benchmarks: list,
+    device: torch.device,
+    num_workers: int,
+    image_size: int | Sequence[int] | None = None,
+) -> dict:
     """Recall@1/5/10 of `model` on each benchmark, as `{"<name>_R@k": fraction}`."""
     if not benchmarks:
         return {}
@@ -519,7 +527,13 @@ def validate(model, benchmarks: list, device: torch.device, num_workers: int) ->
     out = {}
     for bench in benchmarks:
         res = evaluate(
-            model, bench, device=device, num_workers=num_workers, ks=RECALL_KS, progress=False
+            model,
+            bench,
+            device=device,
+            num_workers=num_workers,
+            ks=RECALL_KS,
+            progress=False,
+            image_size=image_size,
         )
         for k in RECALL_KS:
             out[f"{bench.name}_R@{k}"] = float(res.recalls[k])
@@ -600,6 +614,14 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("validation and checkpoints")
     o.add_argument("--val", nargs="*", default=[], help="benchmark names or folders")
     o.add_argument(
+        "--val-image-size",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("H", "W"),
+        help="evaluation resize (default: the training --image-size)",
+    )
+    o.add_argument(
         "--benchmarks-root",
         default=None,
         help="where named benchmarks live (default: $VPR_BENCHMARKS_ROOT, "
@@ -659,6 +681,7 @@ def main(argv: Sequence[str] | None = None):
         precision=args.precision,
         compile=args.compile,
         val=val or None,
+        val_image_size=tuple(args.val_image_size or args.image_size),
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         seed=args.seed,

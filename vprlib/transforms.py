@@ -7,6 +7,8 @@ device where the model runs. Float input is taken as already normalised and only
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,6 +81,191 @@ def _size(image_size) -> tuple[int, int]:
     return size
 
 
+class FastRandAugment:
+    """RandAugment (torchvision.transforms.v2 semantics, fill 0) with faster uint8 kernels.
+
+    Same op list, magnitudes and random draws (torch's global RNG) as
+    `v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)`, and the same
+    output bytes (tests compare them): translations are integer shifts done by slicing,
+    Solarize/AutoContrast/Equalize are 256-entry lookup tables, Sharpness sums the 3x3
+    neighbourhood in integers instead of a float convolution. Shear, Rotate, Brightness,
+    Color, Contrast and Posterize call torchvision. Works on any device (used by the GPU
+    path too). Input and output: uint8 [..., 3, H, W].
+    """
+
+    def __init__(
+        self,
+        num_ops: int = 3,
+        magnitude: int = 9,
+        num_magnitude_bins: int = 31,
+        interpolation: str = "bilinear",
+    ):
+        from torchvision.transforms import v2
+
+        self.reference = v2.RandAugment(
+            num_ops=num_ops,
+            magnitude=magnitude,
+            num_magnitude_bins=num_magnitude_bins,
+            interpolation=_interpolation(interpolation),
+        )
+        self.ops = list(self.reference._AUGMENTATION_SPACE.items())
+        self.mode = _interpolation(interpolation).value
+
+    def __repr__(self) -> str:
+        r = self.reference
+        return f"FastRandAugment(num_ops={r.num_ops}, magnitude={r.magnitude})"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"FastRandAugment expects uint8 images, got {image.dtype}")
+        r = self.reference
+        height, width = image.shape[-2:]
+        for _ in range(r.num_ops):
+            # the draws of v2.RandAugment.forward, in the same order
+            name, (magnitudes_fn, signed) = self.ops[int(torch.randint(len(self.ops), ()))]
+            magnitudes = magnitudes_fn(r.num_magnitude_bins, height, width)
+            magnitude = 0.0
+            if magnitudes is not None:
+                magnitude = float(magnitudes[r.magnitude])
+                if signed and torch.rand(()) <= 0.5:
+                    magnitude *= -1
+            image = self._apply(image, name, magnitude)
+        return image
+
+    def _apply(self, image: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
+        if name == "Identity":
+            return image
+        if name == "TranslateX":
+            return _shift(image, int(magnitude), 0)
+        if name == "TranslateY":
+            return _shift(image, 0, int(magnitude))
+        if name == "Solarize":
+            # the same comparison as v2 (in float32), on the 256 possible values
+            values = torch.arange(256, dtype=torch.uint8, device=image.device)
+            return _apply_lut(image, torch.where(values >= 255.0 * magnitude, 255 - values, values))
+        if name == "Brightness":  # v2: (image * factor).clamp(0, 255) -> uint8, as a table
+            values = torch.arange(256, dtype=torch.uint8, device=image.device)
+            return _apply_lut(image, values.mul(1.0 + magnitude).clamp_(0, 255).to(torch.uint8))
+        if name == "AutoContrast":
+            return _apply_lut(image, _autocontrast_lut(image))
+        if name == "Equalize":
+            return _equalize(image)
+        if name == "Sharpness":
+            return _sharpness(image, 1.0 + magnitude)
+        if name in ("ShearX", "ShearY", "Rotate") and _inverse_affine is not None:
+            if name == "Rotate":  # v2 rotate: centre of the image, angle negated
+                matrix = _inverse_affine([0.0, 0.0], -magnitude, [0.0, 0.0], 1.0, [0.0, 0.0])
+            else:  # v2 RandAugment shears about the top-left corner (centre [0, 0])
+                shear = math.degrees(math.atan(magnitude))
+                shear_xy = [shear, 0.0] if name == "ShearX" else [0.0, shear]
+                h, w = image.shape[-2:]
+                matrix = _inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], 1.0, shear_xy)
+            return _warp_affine(image, matrix, self.mode)
+        return self.reference._apply_image_or_video_transform(
+            image,
+            name,
+            magnitude,
+            interpolation=self.reference.interpolation,
+            fill=self.reference._fill,
+        )
+
+
+try:  # the matrix convention of torchvision's affine/rotate (private: fall back if it moves)
+    from torchvision.transforms.functional import _get_inverse_affine_matrix as _inverse_affine
+except ImportError:  # pragma: no cover - depends on the torchvision version
+    _inverse_affine = None
+
+
+def _warp_affine(image: torch.Tensor, matrix: list[float], mode: str) -> torch.Tensor:
+    """v2 affine_image (same size, zero fill) with the sampling grid built by broadcasting
+    instead of a batched matmul; equal to v2 up to float rounding (rare +-1 in uint8)."""
+    h, w = image.shape[-2:]
+    dev = image.device
+    a, b, c, d, e, f = matrix
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1)
+    gx = (xs * a + ys * b + c).div_(0.5 * w)
+    gy = (xs * d + ys * e + f).div_(0.5 * h)
+    grid = torch.stack([gx, gy], dim=-1).unsqueeze_(0)
+    flat = image.reshape(-1, *image.shape[-3:]).to(torch.float32)
+    out = torch.nn.functional.grid_sample(
+        flat,
+        grid.expand(flat.shape[0], -1, -1, -1),
+        mode=mode,
+        padding_mode="zeros",
+        align_corners=False,
+    )
+    return out.round_().to(torch.uint8).reshape(image.shape)
+
+
+def _shift(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """out[y, x] = image[y - dy, x - dx], zeros where that falls outside."""
+    out = torch.zeros_like(image)
+    h, w = image.shape[-2:]
+    if abs(dx) >= w or abs(dy) >= h:
+        return out
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[..., yd, xd] = image[..., ys, xs]
+    return out
+
+
+def _apply_lut(image: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Lookup table applied per pixel: lut [256] (all channels) or [..., C, 256] (per channel)."""
+    flat = image.flatten(-2).long()
+    if lut.dim() == 1:
+        lut = lut.expand(*flat.shape[:-1], 256)
+    return lut.gather(-1, flat).view_as(image)
+
+
+def _autocontrast_lut(image: torch.Tensor) -> torch.Tensor:
+    """The table of v2 autocontrast (same float32 arithmetic, on 256 values per channel)."""
+    minimum = image.amin(dim=(-2, -1)).float().unsqueeze(-1)
+    maximum = image.amax(dim=(-2, -1)).float().unsqueeze(-1)
+    eq = maximum == minimum
+    inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
+    minimum[eq] = 0.0
+    inv_scale[eq] = 1.0
+    values = torch.arange(256, device=image.device, dtype=torch.float32)
+    return (values - minimum).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+
+
+def _equalize(image: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation with PIL's (and v2's) table, one histogram per channel."""
+    channels = image.reshape(-1, *image.shape[-2:])
+    n = channels.shape[-1] * channels.shape[-2]
+    luts = []
+    for ch in channels:
+        hist = torch.bincount(ch.flatten(), minlength=256)
+        cum = hist.cumsum(0)
+        step = (n - int(hist[int(torch.nonzero(hist)[-1])])) // 255
+        if step == 0:
+            luts.append(torch.arange(256, device=image.device, dtype=torch.uint8))
+            continue
+        lut = torch.zeros(256, dtype=torch.int64, device=image.device)
+        lut[1:] = (cum[:-1] + step // 2).div(step, rounding_mode="floor").clamp_(0, 255)
+        luts.append(lut.to(torch.uint8))
+    return _apply_lut(channels, torch.stack(luts)).view_as(image)
+
+
+def _sharpness(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """v2 adjust_sharpness: the 3x3 blur (weights 1, centre 5, /13) is summed exactly in
+    integers; round(sum / 13) equals v2's rounded float convolution (never a .5 tie)."""
+    h, w = image.shape[-2:]
+    if h <= 2 or w <= 2:
+        return image
+    x = image.to(torch.int16)
+    total = 4 * x[..., 1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            total = total + x[..., dy : h - 2 + dy, dx : w - 2 + dx]
+    blurred = total.float().div_(13.0).round_()
+    output = image.to(torch.float32)
+    view = output[..., 1:-1, 1:-1]
+    view.add_(blurred.sub_(view), alpha=(1.0 - factor))
+    return output.clamp_(0, 255).to(torch.uint8)
+
+
 def train_transform(image_size=(320, 320), interpolation: str = "bilinear"):
     """Training transform of the reference recipe on uint8 tensors: resize (stretching, no
     crop, antialiased) then RandAugment(num_ops=3). uint8 [3,H,W] in, uint8 [3,h,w] out."""
@@ -88,7 +275,7 @@ def train_transform(image_size=(320, 320), interpolation: str = "bilinear"):
     return v2.Compose(
         [
             v2.Resize(_size(image_size), interpolation=mode, antialias=True),
-            v2.RandAugment(num_ops=3, interpolation=mode),
+            FastRandAugment(num_ops=3, interpolation=interpolation),
         ]
     )
 
@@ -190,12 +377,10 @@ def augment_batch(
 ) -> torch.Tensor:
     """RandAugment each image of a uint8 [N,3,H,W] batch with its own ops, drawn from its own
     seed (so the result does not depend on batch composition or on the device)."""
-    from torchvision.transforms import v2
-
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(images):
         raise ValueError(f"augment_batch: {len(images)} images but {len(seeds)} seeds")
-    aug = v2.RandAugment(num_ops=num_ops, interpolation=_interpolation(interpolation))
+    aug = FastRandAugment(num_ops=num_ops, interpolation=interpolation)
     out = torch.empty_like(images)
     with torch.random.fork_rng(devices=[]):
         for i, s in enumerate(seeds):

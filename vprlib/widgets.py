@@ -189,7 +189,7 @@ def retrieval_browser(results, benchmark=None, k: int = 5):
             [results.db_paths[i] for i in preds],
             ok,
             np.asarray(results.distances[q, :kk]),
-            title=f"{results.benchmark}, query {q}: top-{kk}",
+            title=f"{results.benchmark}, query {q}: top-{kk} (green = positive, red = wrong)",
         )
         box.last_figure = fig
         shown = [_figure_image(fig)]

@@ -1,0 +1,506 @@
+"""GSV-Cities file names, dataframes, pandas helpers and the place dataset."""
+
+import csv
+import io
+import math
+import shutil
+import string
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchvision.io import decode_jpeg, read_file
+from torchvision.transforms.v2 import functional as F
+
+from vprlib import gsv_cities as G
+from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+COLUMNS = ["place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid"]
+
+# ---------------------------------------------------------------- file names
+
+
+def test_parse_reference_example():
+    name = "London_0000130_2018_04_015_51.4861_-0.0895151_6jFjb3wGyCkcBfq4k559ag.jpg"
+    row = G.parse_gsv_filename(name)
+    assert row == {
+        "city_id": "London",
+        "place_id": 130,
+        "year": 2018,
+        "month": 4,
+        "northdeg": 15,
+        "lat": 51.4861,
+        "lon": -0.0895151,
+        "panoid": "6jFjb3wGyCkcBfq4k559ag",
+    }
+    assert G.gsv_filename(row) == name
+    upper = G.parse_gsv_filename("/some/dir/" + name[:-4] + ".JPG")
+    assert upper == row and G.gsv_filename(upper, ext=".JPG") == name[:-4] + ".JPG"
+
+
+def test_parse_underscores_negative_and_big_northdeg():
+    name = "PRS_0000007_2009_11_584_-34.60371234567891_-58.3816_a_b-c__d-_efghijklmnopq.jpg"
+    row = G.parse_gsv_filename(name)
+    assert row["northdeg"] == 584 and row["panoid"] == "a_b-c__d-_efghijklmnopq"
+    assert row["lat"] == -34.60371234567891 and row["lon"] == -58.3816
+    assert G.gsv_filename(row) == name
+    # a pandas row works as input too
+    assert G.gsv_filename(pd.Series(row)) == name
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "London_0000130_2018_04_015_51.4861_-0.0895151.jpg",  # no panoid
+        "London_0000130_2018_04_015_51.4861_-0.0895151_abc.png",  # extension
+        "London_00x0130_2018_04_015_51.4861_-0.0895151_abc.jpg",  # place_id
+        "London_0000130_2018_13_015_51.4861_-0.0895151_abc.jpg",  # month 13
+        "London_0000130_2018_04_015_91.5_-0.0895151_abc.jpg",  # latitude
+        "London_0000130_18_04_015_51.4861_-0.0895151_abc.jpg",  # year
+        "",
+    ],
+)
+def test_parse_rejects_bad_names(bad):
+    with pytest.raises(ValueError) as info:
+        G.parse_gsv_filename(bad)
+    assert repr(bad) in str(info.value)
+
+
+def test_gsv_filename_rejects_bad_rows():
+    row = G.parse_gsv_filename("London_0000130_2018_04_015_51.4861_-0.0895151_abc.jpg")
+    with pytest.raises(KeyError, match="panoid"):
+        G.gsv_filename({k: v for k, v in row.items() if k != "panoid"})
+    with pytest.raises(ValueError, match="place_id"):
+        G.gsv_filename({**row, "place_id": 1.5})
+    with pytest.raises(ValueError, match="city_id"):
+        G.gsv_filename({**row, "city_id": "New_York"})
+    with pytest.raises(ValueError, match="month"):
+        G.gsv_filename({**row, "month": 0})
+
+
+ID_CHARS = string.ascii_letters + string.digits
+PANOID_CHARS = ID_CHARS + "_-"
+rows = st.fixed_dictionaries(
+    {
+        "city_id": st.text(ID_CHARS, min_size=1, max_size=12),
+        "place_id": st.integers(0, 10**8),
+        "year": st.integers(1000, 9999),
+        "month": st.integers(1, 12),
+        "northdeg": st.integers(0, 10**4),
+        "lat": st.floats(-90, 90, allow_nan=False),
+        "lon": st.floats(-180, 180, allow_nan=False),
+        "panoid": st.text(PANOID_CHARS, min_size=1, max_size=30),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows)
+def test_filename_round_trip(row):
+    name = G.gsv_filename(row)
+    parsed = G.parse_gsv_filename(name)
+    assert parsed == row
+    assert G.gsv_filename(parsed) == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_parse_arbitrary_text_is_valid_or_value_error(text):
+    try:
+        row = G.parse_gsv_filename(text)
+    except ValueError as e:
+        assert repr(text.rsplit("/", 1)[-1]) in str(e) or "out of range" in str(e)
+    else:
+        assert G.parse_gsv_filename(G.gsv_filename(row)) == row
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows, st.integers(0, 7), st.sampled_from(["", "x", "_", "1.2.3", "-"]))
+def test_parse_corrupted_field_raises(row, field, junk):
+    parts = G.gsv_filename(row)[:-4].split("_", 7)
+    if field == 7:  # the panoid may be anything without '/': corrupt the extension instead
+        name = "_".join(parts) + ".jpeg"
+    else:
+        parts[field] = junk if field else junk + "_"
+        name = "_".join(parts) + ".jpg"
+    try:
+        parsed = G.parse_gsv_filename(name)
+    except ValueError as e:
+        assert repr(name) in str(e) or "out of range" in str(e)
+    else:  # a junk value that still forms a valid name must round-trip exactly
+        assert G.gsv_filename(parsed) == name
+
+
+# ---------------------------------------------------------------- dataframes
+
+
+def csv_rows(gsv_root):
+    out = {}
+    for p in sorted((gsv_root / "Dataframes").glob("*.csv")):
+        with open(p, newline="") as f:
+            out[p.stem] = list(csv.DictReader(f))
+    return out
+
+
+def test_read_gsv_dataframes_sample(gsv_root):
+    df = G.read_gsv_dataframes(gsv_root)
+    assert list(df.columns) == COLUMNS + ["place", "path"]
+    raw = csv_rows(gsv_root)
+    assert len(df) == sum(len(r) for r in raw.values())
+    for c in ("place_id", "year", "month", "northdeg", "place"):
+        assert df[c].dtype == np.int64
+    assert df["lat"].dtype == np.float64 and df["lon"].dtype == np.float64
+    # place: constant within (city_id, place_id), unique across cities
+    n_pairs = df.groupby(["city_id", "place_id"]).ngroups
+    assert df["place"].nunique() == n_pairs
+    assert df.groupby(["city_id", "place_id"])["place"].nunique().max() == 1
+    # paths exist and match the rows
+    for r in df.sample(40, random_state=0).itertuples():
+        assert (gsv_root / r.path).is_file()
+        assert G.parse_gsv_filename(r.path)["panoid"] == r.panoid
+    # values equal the CSV text
+    paris = df[df["city_id"] == "PRS"]
+    assert [repr(v) for v in paris["lat"]] == [r["lat"] for r in raw["Paris"]]
+
+
+def test_cities_selection_and_stable_place(gsv_root):
+    full = G.read_gsv_dataframes(gsv_root)
+    paris = G.read_gsv_dataframes(gsv_root, cities="Paris")
+    by_code = G.read_gsv_dataframes(gsv_root, cities=["PRS"])
+    pd.testing.assert_frame_equal(paris, by_code)
+    assert set(paris["city_id"]) == {"PRS"}
+    sub = full[full["city_id"] == "PRS"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(paris, sub)  # same place ids when read alone
+    two = G.read_gsv_dataframes(gsv_root, cities=["London", "Boston"])
+    assert list(dict.fromkeys(two["city_id"])) == ["London", "Boston"]
+    with pytest.raises(ValueError, match="unknown city 'Atlantis'.*Boston.*Paris \\(PRS\\)"):
+        G.read_gsv_dataframes(gsv_root, cities=["Atlantis"])
+
+
+def test_scan_equals_read(gsv_root):
+    read = G.read_gsv_dataframes(gsv_root).sort_values("path", ignore_index=True)
+    scan = G.scan_gsv_images(gsv_root)
+    pd.testing.assert_frame_equal(read, scan)
+    one = G.scan_gsv_images(gsv_root, cities="Paris")
+    assert set(one["city_id"]) == {"PRS"} and len(one) == (read["city_id"] == "PRS").sum()
+    with pytest.raises(ValueError, match="unknown city"):
+        G.scan_gsv_images(gsv_root, cities="Nowhere")
+
+
+def small_tree(tmp_path, rows=None, city="Testville", city_id="TST"):
+    """A tiny GSV tree with real JPEGs: returns (root, list of file names)."""
+    root = tmp_path / "gsv"
+    (root / "Dataframes").mkdir(parents=True)
+    (root / "Images" / city_id).mkdir(parents=True)
+    if rows is None:
+        rows = [
+            {
+                "place_id": p,
+                "year": 2010 + j,
+                "month": 1 + j,
+                "northdeg": 10 * j,
+                "city_id": city_id,
+                "lat": 45.0 + p * 0.01 + j * 1e-5,
+                "lon": -73.5 - p * 0.01,
+                "panoid": f"pano_{p}-{j}".ljust(22, "x"),
+            }
+            for p in range(3)
+            for j in range(5)
+        ]
+    names = []
+    for i, r in enumerate(rows):
+        name = G.gsv_filename(r)
+        Image.new("RGB", (40, 30), (i * 10 % 255, 80, 160)).save(root / "Images" / city_id / name)
+        names.append(name)
+    pd.DataFrame(rows).to_csv(root / "Dataframes" / f"{city}.csv", index=False)
+    return root, names
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.*Dataframes"):
+        G.read_gsv_dataframes(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Dataframes"):
+        G.read_gsv_dataframes(tmp_path / "empty")
+    root, names = small_tree(tmp_path)
+    csv_path = root / "Dataframes" / "Testville.csv"
+    good = csv_path.read_text()
+    # missing column
+    pd.read_csv(csv_path).drop(columns="northdeg").to_csv(csv_path, index=False)
+    with pytest.raises(ValueError, match="Testville.csv.*'northdeg'"):
+        G.read_gsv_dataframes(root)
+    # non-numeric value: file, column and row named
+    bad = pd.read_csv(io.StringIO(good))
+    bad["year"] = bad["year"].astype(object)
+    bad.loc[3, "year"] = "20x3"
+    bad.to_csv(csv_path, index=False)
+    with pytest.raises(ValueError, match="Testville.csv.*'year'.*'20x3'.*row 3"):
+        G.read_gsv_dataframes(root)
+    bad = pd.read_csv(io.StringIO(good))
+    bad.loc[4, "lat"] = np.nan
+    bad.to_csv(csv_path, index=False)
+    with pytest.raises(ValueError, match="'lat'.*row 4"):
+        G.read_gsv_dataframes(root)
+    # empty CSV and header-only CSV
+    csv_path.write_text("")
+    with pytest.raises(ValueError, match="Testville.csv is empty"):
+        G.read_gsv_dataframes(root)
+    csv_path.write_text(",".join(COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="Testville.csv has no rows"):
+        G.read_gsv_dataframes(root)
+    csv_path.write_text(good)
+    assert len(G.read_gsv_dataframes(root)) == len(names)
+
+
+def test_missing_images_error_or_drop(tmp_path):
+    root, names = small_tree(tmp_path)
+    for n in names[:2]:
+        (root / "Images" / "TST" / n).unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        G.read_gsv_dataframes(root)
+    msg = str(info.value)
+    assert "2 of 15 rows" in msg and names[0] in msg and "on_missing" in msg
+    with pytest.warns(UserWarning, match="2 of 15 rows.*dropped"):
+        df = G.read_gsv_dataframes(root, on_missing="drop")
+    assert len(df) == 13 and names[0] not in "".join(df["path"])
+    nocheck = G.read_gsv_dataframes(root, check_files=False)
+    assert len(nocheck) == 15 and nocheck["path"].str.endswith(".jpg").all()
+    with pytest.raises(ValueError, match="on_missing"):
+        G.read_gsv_dataframes(root, on_missing="ignore")
+
+
+def test_upper_case_extension_and_extra_columns(tmp_path):
+    root, names = small_tree(tmp_path)
+    folder = root / "Images" / "TST"
+    (folder / names[0]).rename(folder / (names[0][:-4] + ".JPG"))
+    csv_path = root / "Dataframes" / "Testville.csv"
+    df = pd.read_csv(csv_path)
+    df["extra"] = "x"
+    df.to_csv(csv_path, index=False)
+    out = G.read_gsv_dataframes(root)
+    assert out.loc[0, "path"].endswith(".JPG") and (root / out.loc[0, "path"]).is_file()
+    assert (out["extra"] == "x").all()
+    assert out["path"].str.endswith(".jpg").sum() == len(names) - 1
+
+
+# ---------------------------------------------------------------- pandas helpers
+
+
+def test_helpers_and_reference_recipes(gsv_root):
+    df = G.read_gsv_dataframes(gsv_root)
+    london = df[df["city_id"] == "London"]
+    # the REFERENCE recipe, as users write it, on one city equals filter_min_images
+    recipe = london[london.groupby("place_id")["place_id"].transform("size") >= 8]
+    pd.testing.assert_frame_equal(recipe, G.filter_min_images(london, 8))
+    assert len(recipe) > 0 and recipe.groupby("place_id").size().min() >= 8
+    # ... and runs on the multi-city frame too
+    assert len(df[df.groupby("place_id")["place_id"].transform("size") >= 8]) > 0
+    big = G.filter_min_images(df, 8)
+    counts = df.groupby("place").size()
+    assert set(big["place"]) == set(counts[counts >= 8].index)
+    # hemispheres: only Buenos Aires is south
+    assert set(G.filter_hemisphere(df, "south")["city_id"]) == {"BuenosAires"}
+    assert len(G.filter_hemisphere(df, "north")) == len(df[df["lat"] > 0])
+    with pytest.raises(ValueError, match="hemisphere"):
+        G.filter_hemisphere(df, "east")
+    # dates compose with the other filters
+    summer = G.filter_dates(df, years=range(2012, 2016), months=[6, 7, 8])
+    assert summer["year"].between(2012, 2015).all() and summer["month"].isin([6, 7, 8]).all()
+    want = df[(df.year >= 2012) & (df.year <= 2015) & df.month.isin([6, 7, 8])]
+    assert len(summer) == len(want)
+    assert len(G.filter_dates(df, years=2015)) == (df.year == 2015).sum()
+    combined = G.filter_min_images(G.filter_hemisphere(df, "north"), 6)
+    assert (combined["lat"] > 0).all() and combined.groupby("place").size().min() >= 6
+    with pytest.raises(ValueError, match="months"):
+        G.filter_dates(df, months=[13])
+
+
+def test_city_summary_against_direct_computation(gsv_root):
+    df = G.read_gsv_dataframes(gsv_root)
+    s = G.city_summary(df)
+    assert set(s.index) == set(df["city_id"])
+    prs = df[df["city_id"] == "PRS"]
+    per = prs.groupby("place_id").size()
+    row = s.loc["PRS"]
+    assert row["places"] == 26 and row["images"] == len(prs)
+    assert math.isclose(row["img_per_place_mean"], per.mean())
+    assert (row["img_per_place_min"], row["img_per_place_max"]) == (per.min(), per.max())
+    assert (row["year_min"], row["year_max"]) == (prs.year.min(), prs.year.max())
+    h = (prs.lat.max() - prs.lat.min()) * 111.32
+    w = (prs.lon.max() - prs.lon.min()) * 111.32 * math.cos(math.radians(prs.lat.mean()))
+    assert math.isclose(row["area_km2"], h * w, rel_tol=1e-3)
+    assert G.min_place_distance_m(df) >= 100.0
+
+
+# ---------------------------------------------------------------- dataset
+
+
+@pytest.fixture(scope="module")
+def ds_args(gsv_root):
+    return dict(root=gsv_root, cities=["Paris", "London"], image_size=(48, 64))
+
+
+def test_dataset_items(ds_args, gsv_root):
+    ds = G.GSVCitiesDataset(**ds_args, img_per_place=4, min_img_per_place=6)
+    df = G.read_gsv_dataframes(gsv_root, cities=["Paris", "London"])
+    sizes = df.groupby("place").size()
+    assert len(ds) == (sizes >= 6).sum() and ds.num_images == sizes[sizes >= 6].sum()
+    assert set(ds.dataframe["place"]) == set(sizes[sizes >= 6].index)
+    images, labels = ds[0]
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 48, 64)
+    assert labels.dtype == torch.int64 and labels.unique().numel() == 1
+    all_labels = [int(ds[i][1][0]) for i in range(len(ds))]
+    assert len(set(all_labels)) == len(ds)
+    batch, lab = ds.collate_fn([ds[i] for i in range(3)])
+    assert batch.shape == (3, 4, 3, 48, 64) and lab.shape == (3, 4)
+    x = ds.batch_to_device(batch, "cpu")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    want = (batch.flatten(0, 1).float() / 255 - mean) / std
+    assert x.dtype == torch.float32 and torch.allclose(x, want, atol=1e-6)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    with pytest.raises(ValueError, match="img_per_place"):
+        G.GSVCitiesDataset(**ds_args, img_per_place=5, min_img_per_place=4)
+
+
+def _expected(gsv_root, paths, size):
+    return torch.stack(
+        [
+            F.resize(decode_jpeg(read_file(str(gsv_root / p))), list(size), antialias=True)
+            for p in paths
+        ]
+    )
+
+
+def test_most_recent_choice_without_augmentation(ds_args, gsv_root):
+    ds = G.GSVCitiesDataset(**ds_args, random_sample=False, augment=False)
+    df = ds.dataframe
+    for i in (0, 7, len(ds) - 1):
+        place = int(ds[i][1][0])
+        rows = df[df["place"] == place].sort_values(["year", "month"], ascending=False)
+        expected = _expected(gsv_root, rows["path"].iloc[:4], ds.image_size)
+        assert torch.equal(ds[i][0], expected)
+
+
+def test_random_choice_depends_on_seed_epoch_index_only(ds_args):
+    ds = G.GSVCitiesDataset(**ds_args, augment=False, min_img_per_place=4)
+    big = [i for i in range(len(ds)) if ds._counts[i] >= 7]
+    a = [ds[i][0] for i in big]
+    ds.set_epoch(1)
+    b = [ds[i][0] for i in big]
+    assert sum(not torch.equal(x, y) for x, y in zip(a, b, strict=True)) >= len(big) // 2
+    ds.set_epoch(0)
+    assert all(torch.equal(ds[i][0], x) for i, x in zip(reversed(big), reversed(a), strict=True))
+    other = G.GSVCitiesDataset(**ds_args, augment=False, seed=1)
+    assert any(not torch.equal(other[i][0], x) for i, x in zip(big, a, strict=True))
+
+
+def test_same_batches_with_0_or_2_workers(ds_args):
+    ds = G.GSVCitiesDataset(**ds_args)
+    ds.set_epoch(3)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=5, num_workers=workers, collate_fn=ds.collate_fn
+        )
+        return [b for b, _ in loader][:3]
+
+    b0, b2 = batches(0), batches(2)
+    assert all(torch.equal(x, y) for x, y in zip(b0, b2, strict=True))
+    ds.set_epoch(4)
+    assert not torch.equal(batches(0)[0], b0[0])
+
+
+def test_corrupt_image_error_and_skip(tmp_path):
+    root, names = small_tree(tmp_path)
+    # names[4] is the most recent image of place 0, so it is the first one tried
+    bad = root / "Images" / "TST" / names[4]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
+    for decode in ("cpu", "gpu"):
+        ds = G.GSVCitiesDataset(root, image_size=(16, 16), random_sample=False, decode=decode)
+        with pytest.raises(ValueError, match=names[4]):
+            ds[0]
+        skip = G.GSVCitiesDataset(
+            root, image_size=(16, 16), random_sample=False, on_corrupt="skip", decode=decode
+        )
+        with pytest.warns(UserWarning, match=names[4]):
+            images, labels = skip[0]
+        assert len(labels) == 4 and len(images) == 4
+        if decode == "gpu":
+            assert [p.rsplit("/", 1)[-1] for p in images.paths] == names[3::-1]
+        else:
+            want = _expected(root, [f"Images/TST/{n}" for n in names[3::-1]], (16, 16))
+            augmented = G.GSVCitiesDataset(
+                root, image_size=(16, 16), random_sample=False, on_corrupt="skip", augment=False
+            )
+            with pytest.warns(UserWarning):
+                assert torch.equal(augmented[0][0], want)
+    bad.write_bytes(b"")
+    (root / "Images" / "TST" / names[3]).write_bytes(b"not a jpeg")
+    # too few readable images left in the place -> clear error
+    strict = G.GSVCitiesDataset(
+        root, image_size=(16, 16), img_per_place=4, min_img_per_place=5, on_corrupt="skip"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="only 3 readable images"):
+            strict[0]
+
+
+def test_gpu_path_on_cpu_matches_cpu_path(ds_args, gsv_root):
+    for augment in (False, True):
+        cpu = G.GSVCitiesDataset(**ds_args, augment=augment)
+        gpu = G.GSVCitiesDataset(**ds_args, augment=augment, decode="gpu")
+        items = [gpu[i] for i in range(4)]
+        enc, labels = gpu.collate_fn(items)
+        assert isinstance(enc, G.EncodedImages) and len(enc) == 16 and enc.shape == (4, 4)
+        # decoding equals torchvision's CPU decode of the same files
+        for data, path in zip(enc.data[:4], enc.paths[:4], strict=True):
+            assert torch.equal(data, read_file(path))
+        x_gpu = gpu.batch_to_device(enc, "cpu")
+        x_cpu_u8, labels_cpu = cpu.collate_fn([cpu[i] for i in range(4)])
+        assert torch.equal(labels, labels_cpu)
+        assert torch.allclose(x_gpu, cpu.batch_to_device(x_cpu_u8, "cpu"))
+    # the per-image augmentations differ between images of the same batch
+    plain = G.GSVCitiesDataset(**ds_args, augment=False, decode="gpu")
+    flat = plain.batch_to_device(plain.collate_fn([plain[0]])[0], "cpu")
+    aug = gpu.batch_to_device(gpu.collate_fn([gpu[0]])[0], "cpu")
+    diffs = (aug - flat).abs().flatten(1).mean(1)
+    assert diffs.unique().numel() == 4
+
+
+def test_dataset_from_filtered_dataframe(gsv_root):
+    df = G.filter_hemisphere(G.read_gsv_dataframes(gsv_root), "south")
+    ds = G.GSVCitiesDataset(gsv_root, dataframe=df, image_size=(32, 32))
+    assert set(ds.dataframe["city_id"]) == {"BuenosAires"} and len(ds) == 26
+    with pytest.raises(KeyError, match="place"):
+        G.GSVCitiesDataset(gsv_root, dataframe=df.drop(columns="place"))
+
+
+def test_copied_root_works(tmp_path, gsv_root):
+    # paths are relative: a copied tree works from its new place
+    shutil.copytree(gsv_root / "Dataframes", tmp_path / "Dataframes")
+    shutil.copytree(gsv_root / "Images" / "PRS", tmp_path / "Images" / "PRS")
+    df = G.read_gsv_dataframes(tmp_path, cities="PRS")
+    assert (tmp_path / df.loc[0, "path"]).is_file()
+
+
+@pytest.mark.parametrize("script", ["bench/loader.py", "bench/dataframes.py"])
+def test_bench_scripts_small(repo_root, script):
+    out = subprocess.run(
+        [sys.executable, str(repo_root / script), "--small"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo_root,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ratio" in out.stdout

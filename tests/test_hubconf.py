@@ -1,0 +1,81 @@
+"""hubconf.py through torch.hub.load(source="local"): untrained builds, released weights from
+a pre-placed file in a temporary hub dir (no network), and clear errors."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from vprlib.download import sidecar_path
+from vprlib.models import VPRModel
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+def hub_load(repo_root, entry, **kw):
+    return torch.hub.load(str(repo_root), entry, source="local", **kw)
+
+
+def test_entry_points_and_dependencies(repo_root):
+    spec = importlib.util.spec_from_file_location("vprlib_hubconf", repo_root / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert hubconf.dependencies == ["torch", "torchvision"]
+    for entry in ("convap", "gem", "cosplace", "mixvpr", "netvlad", "avg"):
+        assert callable(getattr(hubconf, entry)), entry
+
+
+def test_convap_untrained_has_released_architecture(repo_root, hub_dir):
+    model = hub_load(repo_root, "convap", dim=512, pretrained=False)
+    assert isinstance(model, VPRModel)
+    assert model.config["backbone"] == "resnet50" and model.config["layers_to_crop"] == []
+    assert model.config["agg_config"]["out_channels"] == 128
+    assert len(model.state_dict()) == 320
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 512)
+    assert not (hub_dir / "checkpoints").exists()  # nothing downloaded
+
+
+def test_convap_pretrained_from_preplaced_file(repo_root, hub_dir):
+    source = VPRModel("resnet50", agg="convap", agg_config={"out_channels": 128})
+    cached = hub_dir / "checkpoints" / "resnet50_ConvAP_128_2x2.ckpt"
+    source.save(cached)
+    model = hub_load(repo_root, "convap", dim=512, pretrained=True)
+    assert not model.training and model.descriptor_dim == 512
+    assert model.preprocess["interpolation"] == "bilinear"
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert sidecar_path(cached).exists()
+
+
+def test_convap_bad_dim_lists_valid(repo_root):
+    with pytest.raises(ValueError, match=r"\[512, 2048, 4096, 8192\]"):
+        hub_load(repo_root, "convap", dim=1024)
+
+
+@pytest.mark.parametrize(
+    "entry, kw, dim",
+    [
+        ("gem", {}, 512),
+        ("cosplace", {"agg_config": {"out_dim": 64}}, 64),
+        ("mixvpr", {"agg_config": {"in_h": 2, "in_w": 2, "mix_depth": 1}}, 2048),
+        ("netvlad", {"agg_config": {"clusters": 4}}, 2048),
+        ("avg", {"layers_to_crop": [4]}, 256),
+    ],
+)
+def test_other_families_untrained(repo_root, entry, kw, dim):
+    model = hub_load(repo_root, entry, backbone="resnet18", **kw)
+    assert model.config["agg"] == entry and model.descriptor_dim == dim
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, dim)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match=r"no released weights .*convap\(dim=...\)"):
+        hub_load(repo_root, entry, pretrained=True)
