@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cities", type=int, default=23)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    rows, cities, repeats = (20_000, 4, 1) if args.small else (args.rows, args.cities, args.repeats)
+    rows, cities, repeats = (5_000, 3, 1) if args.small else (args.rows, args.cities, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_csvs(root, rows, cities)

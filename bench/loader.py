@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--places", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    places, repeats = (4, 1) if args.small else (args.places, args.repeats)
+    places, repeats = (2, 1) if args.small else (args.places, args.repeats)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -322,8 +322,8 @@ RESUME = False
             import vprlib
             from vprlib import plots
 
+            torch.manual_seed(0)  # the same initial weights on every run
             FIGURES.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(0)
             """
         ),
         md(
@@ -407,6 +407,13 @@ RESUME = False
         ),
         md(
             """
+            The loss falls and recall rises even in the tiny run. b_acc stays near 0 at first:
+            with random weights nearly every image still forms hard pairs; it climbs as the
+            model learns (over epochs of the full run).
+            """
+        ),
+        md(
+            """
             ## Checkpoint
 
             `last.ckpt` holds the weights in the released key layout plus the model config, the
@@ -431,8 +438,8 @@ RESUME = False
         ),
         code(
             """
-            fig = plots.plot_recalls({"untrained": before.recalls, "trained": after.recalls})
-            fig.axes[0].set_title(f"Recall@K on {val.name}: untrained vs trained")
+            fig = plots.plot_recalls({"untrained": before.recalls, "trained": after.recalls},
+                                     title=f"Recall@K on {val.name}: untrained vs trained")
             plots.save_figure(fig, FIGURES / "02_recalls.png");
             """
         ),
@@ -482,7 +489,9 @@ def nb03() -> list:
             DATA_PARAMS
             + """
 # A released name (resnet50_ConvAP_{2048,1024,512,128}_2x2, needs network once) or a file.
-WEIGHTS = os.environ.get("VPRLIB_WEIGHTS", "../checkpoints/02_convap/last.ckpt")
+WEIGHTS = os.environ.get(
+    "VPRLIB_WEIGHTS", "../checkpoints/02_convap/last.ckpt"
+)  # written by notebook 02 (run it first), or a released name such as "resnet50_ConvAP_1024_2x2"
 IMAGE_SIZE = (64, 64)  # (320, 320) for the released weights; must match how WEIGHTS was trained
 PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
 """
@@ -502,8 +511,8 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
         code(PAPER_TABLE),
         code(
             """
-            fig = plots.plot_size_vs_recall(paper.reset_index())
-            fig.axes[0].set_title("Released Conv-AP models: descriptor size vs R@1 (paper)")
+            fig = plots.plot_size_vs_recall(
+                paper.reset_index(), title="Released Conv-AP models: descriptor size vs R@1 (paper)")
             plots.save_figure(fig, FIGURES / "03_size_vs_recall.png");
             """
         ),
@@ -536,7 +545,10 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
                     benchmarks[name] = vprlib.load_benchmark(name, root=BENCH_ROOT)
                 except FileNotFoundError:
                     continue  # not downloaded: skipped
-            print("found:", {name: repr(b) for name, b in benchmarks.items()})
+            pd.DataFrame(
+                [{"benchmark": name, "#db": b.num_db, "#queries": b.num_queries, "format": b.fmt,
+                  "variant": b.variant} for name, b in benchmarks.items()]
+            )
             """
         ),
         code(
@@ -570,8 +582,9 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
         ),
         code(
             """
-            fig = plots.plot_recalls({name: r.recalls for name, r in results.items()})
-            fig.axes[0].set_title(f"Recall@K of {Path(str(WEIGHTS)).parent.name}/{Path(str(WEIGHTS)).name}")
+            weights_name = "/".join(Path(str(WEIGHTS)).parts[-2:])
+            fig = plots.plot_recalls({name: r.recalls for name, r in results.items()},
+                                     title=f"Recall@K of {weights_name}")
             plots.save_figure(fig, FIGURES / "03_recalls.png");
             """
         ),
@@ -598,7 +611,9 @@ def nb04() -> list:
             DATA_PARAMS
             + """
 BENCHMARK = "gsv_sample"  # e.g. "pitts30k_test", "msls_val" on the full data
-WEIGHTS = os.environ.get("VPRLIB_WEIGHTS", "../checkpoints/02_convap/last.ckpt")
+WEIGHTS = os.environ.get(
+    "VPRLIB_WEIGHTS", "../checkpoints/02_convap/last.ckpt"
+)  # written by notebook 02 (run it first), or a released name such as "resnet50_ConvAP_1024_2x2"
 IMAGE_SIZE = (64, 64)  # (320, 320) for the released weights
 K = 5  # matches shown per query
 """
@@ -639,7 +654,7 @@ K = 5  # matches shown per query
         ),
         code(
             """
-            fig = plots.plot_recalls({BENCHMARK: recalls})
+            fig = plots.plot_recalls({BENCHMARK: recalls}, title=f"Recall@K on {BENCHMARK}")
             plots.save_figure(fig, FIGURES / "04_recall_curve.png");
             """
         ),
@@ -817,7 +832,8 @@ LR, WARMUP_STEPS = 0.05, 4
                     "descriptor_dim": model.descriptor_dim,
                     "train_s": round(train_s, 1),
                 })
-                print(res.summary().replace(val.name, agg))
+                print(f"{agg:>8} ({model.descriptor_dim}-d, trained in {train_s:.0f} s): "
+                      f"R@1 {100 * res.recalls[1]:.1f}  R@5 {100 * res.recalls[5]:.1f}")
             """
         ),
         md("## Results"),
@@ -829,8 +845,8 @@ LR, WARMUP_STEPS = 0.05, 4
         ),
         code(
             """
-            fig = plots.plot_compare(table)
-            fig.suptitle(f"{len(table)} aggregators, same budget, evaluated on {val.name}")
+            fig = plots.plot_compare(
+                table, title=f"{len(table)} aggregators, same training budget, evaluated on {val.name}")
             plots.save_figure(fig, FIGURES / "05_compare_aggregators.png");
             """
         ),

@@ -77,6 +77,15 @@ def test_search_matches_brute_force():
     np.testing.assert_array_equal(search(torch.from_numpy(db), q, 7, chunk_size=4096), idx)
 
 
+def test_search_float16_and_memmap_inputs(tmp_path):
+    rng = np.random.default_rng(5)
+    db, q = unit(rng, 300, 16).astype(np.float16), unit(rng, 50, 16).astype(np.float16)
+    np.save(tmp_path / "q.npy", q)
+    q_map = np.load(tmp_path / "q.npy", mmap_mode="r")
+    d2 = ((q[:, None].astype(np.float64) - db[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(search(db, q_map, 3, chunk_size=16), np.argsort(d2, 1)[:, :3])
+
+
 def test_search_errors():
     rng = np.random.default_rng(0)
     db, q = unit(rng, 10, 8), unit(rng, 3, 8)

@@ -52,12 +52,14 @@ def test_city_map_passes_places_as_one_js_array():
     assert "markerClusterGroup" in html and "leaflet.markercluster" in html
     assert "L.heatLayer(" in html and "leaflet_heat" in html
     assert "L.control.layers" in html and "PRS: 3 places" in html
+    heat = json.loads(re.search(r"L\.heatLayer\(\s*(\[\[.*?\]\])", html, re.S).group(1))
+    assert sorted(map(tuple, heat)) == [(48.85, 2.35), (48.86, 2.36), (48.87, 2.3)]
     data = json.loads(re.search(r"var data = (\[.*?\]\]);", html).group(1))
     assert sorted(row[2] for row in data) == [0, 1, 2]
     assert {row[2]: row[3] for row in data} == {0: 4, 1: 5, 2: 6}
     assert {row[2]: (row[0], row[1]) for row in data}[2] == (48.87, 2.30)
-    # No HTML marker per place: only the one circleMarker inside the JS callback.
-    assert html.count("L.circleMarker(") == 1
+    # No HTML marker per place: only the one L.marker inside the JS callback.
+    assert html.count("L.marker(") == 1 and "L.circleMarker(" not in html
     assert "OSL" not in html
 
 
@@ -75,7 +77,7 @@ def test_city_map_scales_to_many_places():
     html = _render(maps.city_map(df, "London"))
     data = json.loads(re.search(r"var data = (\[.*?\]\]);", html).group(1))
     assert len(data) == n
-    assert html.count("L.circleMarker(") == 1
+    assert html.count("L.marker(") == 1
 
 
 def test_city_map_unknown_city_names_known_ones():

@@ -217,6 +217,7 @@ def test_plot_compare_bars_and_time_panel():
     np.testing.assert_allclose(fig.axes[1].collections[0].get_offsets(), [[30, 50], [20, 40]])
     assert "convap (2048-d)" in [t.get_text() for t in fig.axes[1].texts]
     _has_text(fig)
+    assert plots.plot_compare(df, title="T")._suptitle.get_text() == "T"
     assert len(plots.plot_compare(df.drop(columns=["train_s"])).axes) == 1
     with pytest.raises(KeyError, match="R@10"):
         plots.plot_compare(df.drop(columns=["R@10"]))

@@ -157,6 +157,8 @@ def extract_descriptors(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if out_path is not None and Path(out_path).suffix != ".npy":
+        raise ValueError(f"out_path must end with .npy, got {out_path}")
     pre = preprocess_config(model, image_size, interpolation)
     device = _resolve_device(model, device)
     if isinstance(paths_or_dataset, Dataset):
@@ -249,8 +251,6 @@ def _allocate(
     if out_path is None:
         return np.empty(shape, dtype=dtype), None
     out_path = Path(out_path)
-    if out_path.suffix != ".npy":
-        raise ValueError(f"out_path must end with .npy, got {out_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
@@ -261,14 +261,19 @@ def _allocate(
 # Search and recall
 
 
-def _as_float32(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    """float32, C-contiguous, 2-D; no copy when it already is (memmaps stay memmaps)."""
+def _as_2d(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """A 2-D numpy view of `x` (torch tensors shared, memmaps kept; nothing copied)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asanyarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {x.shape}")
     return x
+
+
+def _float32_rows(x: np.ndarray) -> np.ndarray:
+    """float32 C-contiguous rows: the same memory when they already are, else a converted copy."""
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _flat_index(dim: int, use_gpu: bool | None) -> tuple[faiss.Index, Any]:
@@ -297,12 +302,14 @@ def search(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Exact L2 nearest neighbours: int64 db indices [Q, k], nearest first.
 
-    With `return_distances`, also the squared L2 distances [Q, k] (float32). Queries are
-    searched in chunks of `chunk_size` rows so temporary memory stays bounded; the index holds
-    one float32 copy of the database.
+    With `return_distances`, also the squared L2 distances [Q, k] (float32). The index holds
+    one float32 copy of the database (float32 C-contiguous input is not copied before that);
+    queries are converted and searched `chunk_size` rows at a time, so float16 or memory-mapped
+    queries never need a full float32 copy. Distances that tie to float32 rounding may come out
+    in either order.
     """
-    db = _as_float32(db_desc, "db_desc")
-    q = _as_float32(q_desc, "q_desc")
+    db = _as_2d(db_desc, "db_desc")
+    q = _as_2d(q_desc, "q_desc")
     if db.shape[1] != q.shape[1]:
         raise ValueError(
             f"descriptor dims differ: database {db.shape[1]}-d vs queries {q.shape[1]}-d"
@@ -312,12 +319,12 @@ def search(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     index, _resources = _flat_index(db.shape[1], use_gpu)
-    index.add(db)
+    index.add(_float32_rows(db))
     indices = np.empty((len(q), k), dtype=np.int64)
     distances = np.empty((len(q), k), dtype=np.float32)
     for s in range(0, len(q), chunk_size):
         e = min(s + chunk_size, len(q))
-        index.search(q[s:e], k, D=distances[s:e], I=indices[s:e])
+        index.search(_float32_rows(q[s:e]), k, D=distances[s:e], I=indices[s:e])
     index.reset()
     return (indices, distances) if return_distances else indices
 

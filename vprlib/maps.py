@@ -69,10 +69,10 @@ def cities_map(df: pd.DataFrame, max_radius_px: float = 30.0):
     return m
 
 
-# Each FastMarkerCluster row is [lat, lon, place, images]; the popup is built in the browser.
+# Each FastMarkerCluster row is [lat, lon, place, images]; the marker and its popup are built in
+# the browser. Plain L.marker: the kind Leaflet.markercluster is made for.
 _PLACE_CALLBACK = """function (row) {
-    var marker = L.circleMarker(new L.LatLng(row[0], row[1]),
-        {radius: 5, color: '#d62728', fillOpacity: 0.7});
+    var marker = L.marker(new L.LatLng(row[0], row[1]));
     marker.bindPopup('place ' + row[2] + '<br>images: ' + row[3]);
     return marker;
 }"""

@@ -126,7 +126,6 @@ def plot_headings(df: pd.DataFrame, bins: int = 36):
     ax.set_theta_zero_location("N")
     ax.set_theta_direction(-1)
     width = np.deg2rad(360 / bins)
-    ax.set_axisbelow(True)  # grid circles behind the bars
     ax.bar(
         np.deg2rad(edges[:-1]),
         counts,
@@ -135,6 +134,7 @@ def plot_headings(df: pd.DataFrame, bins: int = 36):
         color=QUERY_COLOUR,
         edgecolor="white",
         linewidth=0.5,
+        alpha=0.85,
     )
     ax.set_title("Camera headings (degrees from north)", pad=20)
     ax.set_xlabel("heading")
@@ -249,7 +249,9 @@ def plot_retrieval(
     fig, axes = plt.subplots(1, k + 1, figsize=(2.4 * (k + 1), 2.6), squeeze=False)
     _retrieval_row(axes[0], query_path, topk_paths, correct, distances)
     axes[0, 0].set_xlabel("query image", fontsize=8)
-    axes[0, 1].set_xlabel("retrieved, nearest first (d = descriptor distance)", fontsize=8, loc="left")
+    axes[0, 1].set_xlabel(
+        "retrieved, nearest first (d = descriptor distance)", fontsize=8, loc="left"
+    )
     fig.suptitle(title or f"Top-{k} retrieval: green = positive, red = wrong place")
     fig.tight_layout()
     return fig
@@ -319,8 +321,11 @@ def plot_history(history: pd.DataFrame):
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(col)
-        if col == "lr":  # plain numbers (0.05), not an offset like "5.0 + 1e-2"
+        if col == "lr":  # plain numbers (0.05), not an offset like "5.0 + 1e-2"; from 0
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
+            ax.set_ylim(bottom=0)
+        if col == "b_acc":  # a share: the full 0..1 range, so a flat line is not magnified
+            ax.set_ylim(-0.02, 1.02)
     if recall_cols:
         ax = axes[0, -1]
         for col in recall_cols:
@@ -332,7 +337,7 @@ def plot_history(history: pd.DataFrame):
         ax.set_title("validation recall")
         ax.set_xlabel("epoch")
         ax.set_ylabel("recall (%)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     for ax in axes[0]:
         if len(x) <= 20:
             ax.set_xticks(x)
@@ -348,7 +353,7 @@ _HISTORY_PANELS = (
 )
 
 
-def plot_recalls(recalls: Mapping[str, Mapping[int, float]]):
+def plot_recalls(recalls: Mapping[str, Mapping[int, float]], title: str = "Recall@K"):
     """Recall@K curves, one line per model/benchmark name; fractions shown as percent."""
     if not recalls:
         raise ValueError("plot_recalls: no curves given")
@@ -366,7 +371,7 @@ def plot_recalls(recalls: Mapping[str, Mapping[int, float]]):
         all_ks.update(ks)
     ax.set_xticks(sorted(all_ks))
     ax.set_ylim(0, 102)
-    ax.set_title("Recall@K")
+    ax.set_title(title)
     ax.set_xlabel("K (number of retrieved database images)")
     ax.set_ylabel("recall@K (%)")
     ax.grid(alpha=0.3)
@@ -376,7 +381,10 @@ def plot_recalls(recalls: Mapping[str, Mapping[int, float]]):
 
 
 def plot_size_vs_recall(
-    table: pd.DataFrame, size_col: str = "descriptor_dim", recall_cols: Sequence[str] | None = None
+    table: pd.DataFrame,
+    size_col: str = "descriptor_dim",
+    recall_cols: Sequence[str] | None = None,
+    title: str = "Descriptor size vs recall@1",
 ):
     """Descriptor size (log scale) against recall, one line per benchmark column.
 
@@ -396,7 +404,7 @@ def plot_size_vs_recall(
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(int(s)) for s in sizes])
     ax.minorticks_off()
-    ax.set_title("Descriptor size vs recall@1")
+    ax.set_title(title)
     ax.set_xlabel("descriptor dimension (log scale)")
     ax.set_ylabel("recall@1 (%)")
     ax.grid(alpha=0.3)
@@ -409,6 +417,7 @@ def plot_compare(
     results_df: pd.DataFrame,
     name_col: str = "aggregator",
     recall_cols: Sequence[str] = ("R@1", "R@5", "R@10"),
+    title: str | None = None,
 ):
     """Aggregators side by side: grouped recall bars, and R@1 against training time and size.
 
@@ -443,12 +452,16 @@ def plot_compare(
         has_dim = "descriptor_dim" in results_df.columns
         for i, name in enumerate(names):
             label = f"{name} ({int(results_df['descriptor_dim'].iloc[i])}-d)" if has_dim else name
-            ax.annotate(label, (secs[i], r1[i]), textcoords="offset points", xytext=(5, 4))
+            # alternate above/below so neighbours with similar values stay readable
+            offset = (6, 5) if i % 2 == 0 else (6, -12)
+            ax.annotate(label, (secs[i], r1[i]), textcoords="offset points", xytext=offset)
         ax.set_title(f"{recall_cols[0]} against training time")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel(f"{recall_cols[0]} (%)")
         ax.margins(x=0.25, y=0.15)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,292 @@
+"""fit(): schedule, sampler, history, checkpoints, exact resume, workers, CLI, and learning.
+
+Tiny runs: resnet18 trunk up to layer2 (layers_to_crop=(3, 4)), 32x32 images, 4 places x 4
+images per batch, a step or two per epoch. The slow test trains a small model from scratch
+on the sample and checks that recall on the sample benchmark rises.
+"""
+
+import math
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import vprlib
+from vprlib.train import PlaceSampler, fit, lr_factor
+
+SIZE = 32
+FIT = dict(places_per_batch=4, num_workers=0, progress=False, max_steps_per_epoch=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(gsv_root):
+    return vprlib.GSVCitiesDataset(gsv_root, img_per_place=4, image_size=(SIZE, SIZE), seed=0)
+
+
+@pytest.fixture(scope="module")
+def bench(bench_root):
+    return vprlib.load_benchmark(bench_root / "gsv_sample")
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return vprlib.VPRModel(
+        "resnet18",
+        pretrained=False,
+        layers_to_freeze=-1,
+        layers_to_crop=(3, 4),
+        agg="convap",
+        agg_config={"out_channels": 16, "s1": 2, "s2": 2},
+    )
+
+
+def max_weight_diff(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_lr_factor_hand_computed():
+    # 10 steps per epoch, 4 warm-up steps, lr x 0.5 at epochs 1 and 3.
+    f = lambda s: lr_factor(s, warmup_steps=4, steps_per_epoch=10, milestones=(1, 3), gamma=0.5)  # noqa: E731
+    expected = {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 9: 1.0, 10: 0.5, 29: 0.5, 30: 0.25, 99: 0.25}
+    for step, value in expected.items():
+        assert f(step) == pytest.approx(value), step
+    # Paper defaults: milestones 5, 10, 15, 25 and gamma 0.3, no warm-up.
+    g = lambda e: lr_factor(e * 7, warmup_steps=0, steps_per_epoch=7)  # noqa: E731
+    assert [g(e) for e in (0, 4, 5, 9, 10, 15, 24, 25, 29)] == pytest.approx(
+        [1, 1, 0.3, 0.3, 0.09, 0.027, 0.027, 0.0081, 0.0081]
+    )
+
+
+def test_place_sampler_every_place_once_seeded_by_epoch():
+    s = PlaceSampler(10, seed=3)
+    s.set_epoch(0)
+    e0 = list(s)
+    assert [e for e, _ in e0] == [0] * 10
+    assert sorted(i for _, i in e0) == list(range(10))
+    assert list(s) == e0  # same (seed, epoch) -> same order
+    s.set_epoch(1)
+    e1 = [i for _, i in s]
+    assert sorted(e1) == list(range(10)) and e1 != [i for _, i in e0]
+    other = PlaceSampler(10, seed=4)
+    assert [i for _, i in other] != [i for _, i in e0]
+    short = PlaceSampler(10, seed=3, num_samples=4)
+    assert len(short) == 4 and [i for _, i in short] == [i for _, i in e0][:4]
+    with pytest.raises(ValueError, match="empty"):
+        PlaceSampler(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# fit
+
+
+def test_history_checkpoints_and_lr(dataset, bench, tmp_path):
+    model = tiny_model()
+    # 2 steps per epoch, warm-up 3 clipped to 2: epoch 0 ends at full lr; x0.5 from epoch 1.
+    hist = fit(
+        model,
+        dataset,
+        epochs=2,
+        lr=0.1,
+        warmup_steps=3,
+        milestones=(1,),
+        gamma=0.5,
+        val=bench,
+        val_image_size=SIZE,
+        checkpoint_dir=tmp_path,
+        **{**FIT, "max_steps_per_epoch": 2},
+    )
+    recall_cols = ["gsv_sample_R@1", "gsv_sample_R@5", "gsv_sample_R@10"]
+    base_cols = ["epoch", "steps", "loss", "b_acc", "lr", "seconds", "images_per_s"]
+    assert list(hist.columns) == base_cols + recall_cols
+    assert hist["epoch"].tolist() == [0, 1] and hist["steps"].tolist() == [2, 4]
+    assert hist["lr"].tolist() == pytest.approx([0.1, 0.05])
+    assert hist[recall_cols].apply(lambda c: c.between(0, 1)).all().all()
+    assert (hist["gsv_sample_R@1"] <= hist["gsv_sample_R@10"]).all()
+    assert hist["loss"].gt(0).all() and hist["b_acc"].between(0, 1).all()
+    assert hist["images_per_s"].gt(0).all()
+
+    # Both checkpoints load with weights_only=True and hold everything the CONTRACT lists.
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    for key in ("state_dict", "model_config", "epoch", "global_step", "optimizer"):
+        assert key in ckpt
+    for key in ("scheduler", "scaler", "rng", "history", "fit_args"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4
+    assert ckpt["model_config"] == model.config
+    assert pd.DataFrame(ckpt["history"]).equals(hist)
+    assert ckpt["fit_args"]["lr"] == 0.1 and ckpt["fit_args"]["milestones"] == [1]
+    # The scheduler is positioned for step 4 (epoch 2): 0.1 * 0.5.
+    assert ckpt["scheduler"]["last_epoch"] == 4
+    assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(0.05)
+    for k, v in model.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    r1 = hist["gsv_sample_R@1"].tolist()
+    assert best["epoch"] == r1.index(max(r1))
+
+    # load_pretrained reads fit's checkpoint (architecture from model_config) strictly.
+    loaded = vprlib.load_pretrained(tmp_path / "last.ckpt")
+    assert loaded.config == model.config and not loaded.training
+    assert max_weight_diff(loaded, model) == 0
+
+
+def test_resume_equals_uninterrupted(dataset, tmp_path):
+    args = dict(FIT, lr=0.05, warmup_steps=2, milestones=(1,), seed=5)
+    full = tiny_model()
+    hist_full = fit(full, dataset, epochs=2, **args)
+
+    first = tiny_model()
+    fit(first, dataset, epochs=1, checkpoint_dir=tmp_path, **args)
+    resumed = tiny_model(seed=99)  # different init: everything must come from the checkpoint
+    hist = fit(resumed, dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **args)
+
+    assert max_weight_diff(full, resumed) <= 1e-6
+    assert max_weight_diff(full, first) > 1e-4  # the second epoch did change the weights
+    assert hist["epoch"].tolist() == [0, 1]
+    cols = ["steps", "loss", "b_acc", "lr"]
+    assert hist[cols].to_numpy() == pytest.approx(hist_full[cols].to_numpy(), abs=1e-6)
+    # Asking for epochs already done trains nothing and returns the stored history.
+    again = tiny_model(seed=7)
+    same = fit(again, dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **args)
+    assert same.equals(hist) and max_weight_diff(again, full) <= 1e-6
+
+
+def test_workers_give_same_result_as_main_process(dataset):
+    # With workers the per-epoch image choice must still follow the epoch (persistent workers).
+    args = dict(FIT, lr=0.05, warmup_steps=1)
+    in_process = tiny_model()
+    fit(in_process, dataset, epochs=2, **args)
+    workers = tiny_model()
+    fit(workers, dataset, epochs=2, **{**args, "num_workers": 2})
+    assert max_weight_diff(in_process, workers) <= 1e-6
+
+
+def test_resume_errors_and_auto(dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, resume=True, **FIT)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        fit(tiny_model(), dataset, epochs=1, resume=True, **FIT)
+    with pytest.warns(UserWarning, match="starting fresh"):
+        fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, resume="auto", **FIT)
+    assert (tmp_path / "last.ckpt").is_file()
+    assert not (tmp_path / "best.ckpt").exists()  # no validation -> no "best"
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0\.05, now 0\.01"):
+        fit(tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, lr=0.01, **FIT)
+    other = vprlib.VPRModel("resnet18", layers_to_freeze=-1, layers_to_crop=(3, 4), agg="gem")
+    with pytest.raises(ValueError, match="model_config"):
+        fit(other, dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
+
+
+def test_bad_arguments(dataset):
+    for kw, match in [
+        ({"precision": "fp8"}, "precision"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"loss": "NoSuchLoss"}, "MultiSimilarityLoss"),
+        ({"resume": "yes"}, "resume"),
+        ({"epochs": 0}, "epochs"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fit(tiny_model(), dataset, **{"epochs": 1, **FIT, **kw})
+
+
+def test_fp16_grad_scaler_adamw_and_no_miner(dataset, tmp_path):
+    # fp16 autocast + GradScaler (on the CPU here), AdamW, loss on all pairs (miner=None).
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hist = fit(
+        model,
+        dataset,
+        epochs=1,
+        precision="fp16",
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.0,
+        miner=None,
+        checkpoint_dir=tmp_path,
+        **FIT,
+    )
+    assert math.isfinite(hist["loss"][0]) and math.isnan(hist["b_acc"][0])
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["fit_args"]["precision"] == "fp16"
+    assert "betas" in ckpt["optimizer"]["param_groups"][0]
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "aggregator.channel_pool.weight" in changed
+
+
+def test_cli_smoke(sample_root, repo_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "vprlib.train",
+        "--data-root", str(sample_root),
+        "--backbone", "resnet18", "--no-pretrained",
+        "--layers-to-freeze", "-1", "--layers-to-crop", "3", "4",
+        "--agg", "convap", "--agg-config", '{"out_channels": 8, "s1": 2, "s2": 2}',
+        "--image-size", str(SIZE), str(SIZE), "--img-per-place", "4",
+        "--places-per-batch", "4", "--epochs", "1", "--max-steps-per-epoch", "2",
+        "--lr", "0.01", "--val", "gsv_sample", "--benchmarks-root", str(sample_root / "benchmarks"),
+        "--checkpoint-dir", str(out), "--seed", "1", "--precision", "fp32",
+        "--num-workers", "0", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gsv_sample_R@1" in proc.stdout
+    hist = pd.read_csv(out / "history.csv")
+    assert hist["steps"].tolist() == [2] and hist["gsv_sample_R@1"].between(0, 1).all()
+    ckpt = torch.load(out / "last.ckpt", weights_only=True)
+    assert ckpt["model_config"]["backbone"] == "resnet18"
+    assert ckpt["model_config"]["agg_config"]["out_channels"] == 8
+    assert ckpt["fit_args"]["seed"] == 1 and ckpt["fit_args"]["lr"] == 0.01
+    assert (out / "best.ckpt").is_file()
+
+
+def test_cli_errors(tmp_path):
+    from vprlib.train import main
+
+    with pytest.raises(FileNotFoundError, match="Dataframes"):
+        main(["--data-root", str(tmp_path), "--epochs", "1"])
+    with pytest.raises(SystemExit):
+        main(["--resume", "sometimes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning
+
+
+@pytest.mark.slow
+def test_training_from_scratch_raises_recall(gsv_root, bench):
+    """A small ResNet18 + Conv-AP learns on the sample: R@1 on gsv_sample rises clearly."""
+    size = 48
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(size, size), augment=False, seed=0)
+    torch.manual_seed(0)
+    model = vprlib.VPRModel(
+        "resnet18", layers_to_freeze=-1, layers_to_crop=(4,), agg_config={"out_channels": 64}
+    )
+    before = vprlib.evaluate(model, bench, image_size=size, progress=False, num_workers=0)
+    t0 = time.perf_counter()
+    hist = fit(
+        model,
+        ds,
+        epochs=8,
+        places_per_batch=16,
+        optimizer="adamw",
+        lr=3e-3,
+        weight_decay=0.0,
+        warmup_steps=5,
+        num_workers=1,
+        progress=False,
+    )
+    after = vprlib.evaluate(model, bench, image_size=size, progress=False, num_workers=0)
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"R@1 {before.recalls[1]:.3f} -> {after.recalls[1]:.3f} in {minutes:.1f} min")
+    assert after.recalls[1] >= before.recalls[1] + 0.10
+    assert hist["loss"].iloc[-2:].mean() < hist["loss"].iloc[:2].mean()
+    assert hist["b_acc"].iloc[-1] > hist["b_acc"].iloc[0]

@@ -1,0 +1,172 @@
+"""uint8 transforms, the fast RandAugment, image loading and batch decode/augmentation."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from vprlib import transforms as T
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
+
+
+def photo(seed=0, w=64, h=48):
+    """A smooth image with texture (a plausible photo stand-in)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC), np.int16)
+    return np.clip(base + rng.normal(0, 10, size=(h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(array, mode="RGB", fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+IMAGES = [
+    torch.from_numpy(photo(0)).permute(2, 0, 1).contiguous(),
+    torch.randint(
+        0, 256, (3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    ),
+    (torch.rand(3, 30, 30, generator=torch.Generator().manual_seed(2)) * 100 + 80).to(torch.uint8),
+]
+
+
+def all_magnitudes(fast, name, signed, magnitudes_fn, shape):
+    mags = magnitudes_fn(fast.reference.num_magnitude_bins, *shape)
+    if mags is None:
+        return [0.0]
+    mags = mags[::3]  # bins 0, 3, ..., 30 (the default magnitude 9 included)
+    return [float(m) * s for m in mags for s in ((1, -1) if signed else (1,))]
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=["photo", "noise", "low-contrast"])
+def test_fast_randaugment_ops_match_torchvision(image):
+    fast = T.FastRandAugment()
+    ref = fast.reference
+    for name, (fn, signed) in fast.ops:
+        for m in all_magnitudes(fast, name, signed, fn, image.shape[-2:]):
+            got = fast._apply(image, name, m)
+            want = ref._apply_image_or_video_transform(
+                image, name, m, interpolation=ref.interpolation, fill=ref._fill
+            )
+            assert got.dtype == torch.uint8 and got.shape == image.shape
+            if name in ("ShearX", "ShearY", "Rotate"):
+                # grid built differently: float rounding flips some exact .5 ties (by 1)
+                diff = (got.int() - want.int()).abs()
+                assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05, (name, m)
+            else:
+                assert torch.equal(got, want), (name, m)
+
+
+def test_fast_randaugment_draws_like_torchvision():
+    fast = T.FastRandAugment(num_ops=3)
+    ref = v2.RandAugment(num_ops=3, interpolation=v2.InterpolationMode.BILINEAR)
+    image = IMAGES[0]
+    same = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        a = fast(image)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        b = ref(image)
+        assert torch.equal(state, torch.random.get_rng_state())  # same RNG consumption
+        same += int((a == b).float().mean() > 0.97)
+    assert same == 30
+    with pytest.raises(TypeError, match="uint8"):
+        fast(image.float())
+
+
+def test_train_and_eval_transforms():
+    image = IMAGES[0]
+    tf = T.train_transform((20, 30))
+    torch.manual_seed(0)
+    a = tf(image)
+    torch.manual_seed(0)
+    b = tf(image)
+    assert a.dtype == torch.uint8 and a.shape == (3, 20, 30) and torch.equal(a, b)
+    ev = T.eval_transform((20, 30), "bicubic")
+    want = F.resize(image, [20, 30], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(ev(image), want)
+    assert T.eval_transform(16)(image).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="interpolation"):
+        T.eval_transform((8, 8), "lanczos")
+    with pytest.raises(ValueError, match="image_size"):
+        T.train_transform((8, 8, 8))
+
+
+def test_load_image_formats_and_errors(tmp_path):
+    rgb = photo(3)
+    cases = {"rgb.jpg": ("RGB", "JPEG"), "gray.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG")}
+    cases["rgb.png"] = ("RGB", "PNG")
+    for name, (mode, fmt) in cases.items():
+        data = jpeg_bytes(rgb, mode, fmt)
+        (tmp_path / name).write_bytes(data)
+        img = T.load_image(tmp_path / name)
+        assert img.dtype == torch.uint8 and img.shape == (3, 48, 64), name
+        ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        # libjpeg-turbo in torchvision and in PIL may differ slightly (IDCT, CMYK)
+        tol = 0 if fmt == "PNG" else 40
+        assert np.abs(img.permute(1, 2, 0).numpy().astype(int) - ref).mean() <= max(tol, 3), name
+    assert torch.equal(T.load_image(tmp_path / "rgb.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+    (tmp_path / "bad.jpg").write_bytes(jpeg_bytes(rgb)[:300])
+    with pytest.raises(ValueError, match="bad.jpg"):
+        T.load_image(tmp_path / "bad.jpg")
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        T.load_image(tmp_path / "missing.jpg")
+
+
+def test_decode_jpeg_batch_matches_cpu_decode():
+    data = [
+        torch.frombuffer(bytearray(jpeg_bytes(photo(s, 64 + 8 * s, 48))), dtype=torch.uint8)
+        for s in range(3)
+    ]
+    out = T.decode_jpeg_batch(data, "cpu", (24, 32))
+    want = torch.stack([F.resize(decode_jpeg(d), [24, 32], antialias=True) for d in data])
+    assert out.dtype == torch.uint8 and torch.equal(out, want)
+    same = [data[0], data[0]]  # one size: resized as one batch
+    assert torch.equal(T.decode_jpeg_batch(same, "cpu", (24, 32)), torch.stack([want[0], want[0]]))
+    assert T.decode_jpeg_batch([], "cpu", (5, 6)).shape == (0, 3, 5, 6)
+    broken = [data[0], data[1][:100].clone()]
+    with pytest.raises(ValueError, match="two.jpg"):
+        T.decode_jpeg_batch(broken, "cpu", (24, 32), names=["one.jpg", "two.jpg"])
+
+
+def test_augment_batch_per_image_and_deterministic():
+    batch = torch.stack([IMAGES[0]] * 4)
+    seeds = [11, 12, 13, 11]
+    out = T.augment_batch(batch, seeds)
+    assert out.dtype == torch.uint8 and out.shape == batch.shape
+    assert torch.equal(out[0], out[3])  # same seed, same ops
+    assert len({tuple(o.flatten().tolist()[:500]) for o in out[:3]}) == 3  # different ops
+    alone = T.augment_batch(batch[1:2], [12])
+    assert torch.equal(alone[0], out[1])  # independent of batch composition
+    state = torch.random.get_rng_state()
+    T.augment_batch(batch, seeds)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+    with pytest.raises(ValueError, match="seeds"):
+        T.augment_batch(batch, [1, 2])
+
+
+def test_normalize_and_to_model_input():
+    x = torch.randint(0, 256, (2, 4, 3, 8, 8), dtype=torch.uint8)
+    y = T.to_model_input(x, "cpu", channels_last=True)
+    mean = torch.tensor(T.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1)
+    assert y.shape == (8, 3, 8, 8) and torch.allclose(y, (x.flatten(0, 1) / 255.0 - mean) / std)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    f = torch.randn(2, 3, 4, 4)
+    assert torch.equal(T.to_model_input(f, "cpu"), f)
+    with pytest.raises(ValueError, match=r"\[N,3,H,W\]"):
+        T.to_model_input(torch.zeros(3, 4, 4), "cpu")
+    with pytest.raises(TypeError, match="uint8"):
+        T.normalize(f)
