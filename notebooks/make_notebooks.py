@@ -35,7 +35,7 @@ def header(filename: str, title: str, intro: str) -> list:
         f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
         f"(https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{filename})"
     )
-    colab = f'''
+    colab = f"""
     # Colab only: fetch the project and install it (does nothing anywhere else).
     import os
     import subprocess
@@ -49,7 +49,7 @@ def header(filename: str, title: str, intro: str) -> list:
                             "/content/vprlib[notebooks]"], check=True)
         os.chdir("/content/vprlib/notebooks")
         sys.path.insert(0, "/content/vprlib")
-    '''
+    """
     return [md(f"# {title}\n\n{badge}\n\n{dedent(intro).strip()}"), code(colab)]
 
 
@@ -450,7 +450,7 @@ RESUME = False
 # 03 pretrained weights
 
 
-PAPER_TABLE = '''
+PAPER_TABLE = """
 # The released Conv-AP checkpoints (ResNet50) and the paper's recall (R@1 / R@5, percent).
 paper = pd.DataFrame(
     [
@@ -464,7 +464,7 @@ paper = pd.DataFrame(
              "msls_val R@1", "msls_val R@5", "nordland R@1", "nordland R@5"],
 ).set_index("weights")
 paper
-'''
+"""
 
 
 def nb03() -> list:

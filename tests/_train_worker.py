@@ -47,9 +47,7 @@ def build():
 
     dataset = GSVCitiesDataset(GSV_ROOT, image_size=(64, 64), seed=0)
     torch.manual_seed(0)
-    model = VPRModel(
-        "resnet18", layers_to_crop=[4], agg="convap", agg_config={"out_channels": 16}
-    )
+    model = VPRModel("resnet18", layers_to_crop=[4], agg="convap", agg_config={"out_channels": 16})
     return dataset, model
 
 

@@ -134,8 +134,10 @@ def _write_kind(call: ast.Call) -> tuple[str | None, ast.AST | None]:
     if name == "open" or (isinstance(call.func, ast.Attribute) and call.func.attr == "open"):
         modes = [a.value for a in call.args[:2] if isinstance(a, ast.Constant)]
         modes += [k.value.value for k in call.keywords if k.arg == "mode"]
-        if any(isinstance(m, str) and re.fullmatch(r"[rwaxbt+]+", m) and set(m) & set("wax+")
-               for m in modes):
+        if any(
+            isinstance(m, str) and re.fullmatch(r"[rwaxbt+]+", m) and set(m) & set("wax+")
+            for m in modes
+        ):
             return "open", call.args[0] if call.args else None
         return None, None
     if name in WRITE_CALLS:
@@ -143,7 +145,11 @@ def _write_kind(call: ast.Call) -> tuple[str | None, ast.AST | None]:
         return name, call.args[i] if i is not None and len(call.args) > i else None
     if isinstance(call.func, ast.Attribute) and call.func.attr in WRITE_METHODS:
         attr = call.func.attr
-        if attr == "to_csv" and not call.args and all(k.arg != "path_or_buf" for k in call.keywords):
+        if (
+            attr == "to_csv"
+            and not call.args
+            and all(k.arg != "path_or_buf" for k in call.keywords)
+        ):
             return None, None  # returns the CSV text
         if attr == "replace" and _is_str_replace(call):
             return None, None
@@ -283,8 +289,18 @@ def test_every_torch_load_uses_weights_only():
         if unsafe_load((f, line, name, kw)) and (f, name) not in KNOWN_PICKLE_LOADS
     ]
     assert not bad, "loads that could run pickled code:\n" + "\n".join(bad)
-    text = "\n".join(p.read_text() for p in LIB_FILES)
-    assert "strict=False" not in text
+    # weights load strictly: no load_state_dict(..., strict=False) anywhere
+    loose = [
+        f"vprlib/{p.name}:{node.lineno}"
+        for p in LIB_FILES
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Call)
+        and dotted(node.func).endswith("load_state_dict")
+        and any(
+            k.arg == "strict" and getattr(k.value, "value", None) is False for k in node.keywords
+        )
+    ]
+    assert not loose, f"non-strict weight loading at {loose}"
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -311,9 +327,7 @@ def half_then_fail(real):
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    return VPRModel(
-        "resnet18", layers_to_crop=[3, 4], agg="convap", agg_config={"out_channels": 4}
-    )
+    return VPRModel("resnet18", layers_to_crop=[3, 4], agg="convap", agg_config={"out_channels": 4})
 
 
 def test_failed_model_save_keeps_previous_file(tmp_path, monkeypatch, small_model):

@@ -2,12 +2,24 @@
 
 Importing vprlib needs only torch, torchvision, numpy, pandas, pillow, faiss and
 pytorch-metric-learning; notebook libraries are imported inside the functions that use them.
+Note: `vprlib.evaluate` is the function; its module is reached with `from vprlib.evaluate import ...`.
 """
 
-from .benchmarks import load_benchmark
-from .evaluate import evaluate, extract_descriptors, recall_at_k, search
+from .benchmarks import Benchmark, load_benchmark
+from .evaluate import (
+    EvalResults,
+    evaluate,
+    evaluate_descriptors,
+    extract_descriptors,
+    recall_at_k,
+    search,
+)
 from .gsv_cities import (
     GSVCitiesDataset,
+    city_summary,
+    filter_dates,
+    filter_hemisphere,
+    filter_min_images,
     gsv_filename,
     parse_gsv_filename,
     read_gsv_dataframes,
@@ -19,6 +31,13 @@ from .train import fit
 __version__ = "0.1.0"
 
 __all__ = [
+    "Benchmark",
+    "EvalResults",
+    "city_summary",
+    "evaluate_descriptors",
+    "filter_dates",
+    "filter_hemisphere",
+    "filter_min_images",
     "GSVCitiesDataset",
     "VPRModel",
     "evaluate",

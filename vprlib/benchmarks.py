@@ -18,6 +18,7 @@ environment variable `VPR_BENCHMARKS_ROOT`, else `$VPRLIB_DATA/benchmarks` (read
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,8 +367,9 @@ def load_list_benchmark(
     """Read `<name>_dbImages.npy`, `<name>_qImages.npy` and `<name>_gt.npy` (or MSLS qIdx/pIdx).
 
     `root` is the folder the stored image paths are relative to (default: the parent of the
-    folder holding the npy files). The npy files are object arrays by convention, so they are
-    loaded with allow_pickle=True: load only files you trust.
+    folder holding the npy files). The npy files are object arrays by convention (pickled);
+    `load_npy` unpickles only numpy arrays, numbers and strings, so a hostile file cannot run
+    code.
     """
     db_file = Path(db_file).expanduser().resolve()
     suffix = "_dbImages.npy"
@@ -436,8 +438,53 @@ def load_list_benchmark(
     return bench
 
 
+# What an object-array .npy of arrays, numbers and strings needs to unpickle (numpy 1 and 2).
+_NPY_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers and strings; refuses any other global (e.g. os.system)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refused to unpickle {module}.{name}: benchmark lists may hold only numpy "
+            "arrays, numbers and strings"
+        )
+
+
+def load_npy(file: str | os.PathLike) -> np.ndarray:
+    """`np.load` for benchmark lists without the risk of allow_pickle=True: object arrays
+    (the usual format of _gt.npy and path lists) are unpickled with `_ArrayUnpickler`."""
+    with open(file, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            _, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            _, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{file}: unsupported .npy format version {version}")
+        if not dtype.hasobject:
+            return np.load(file, allow_pickle=False)
+        try:
+            arr = _ArrayUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{file}: {e}") from e
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{file}: expected a numpy array, found {type(arr).__name__}")
+    return arr
+
+
 def _load_paths(file: Path) -> list[str]:
-    arr = np.load(file, allow_pickle=True)
+    arr = load_npy(file)
     if arr.ndim != 1:
         raise ValueError(f"{file}: expected a 1-D array of image paths, got shape {arr.shape}")
     return [str(p).lstrip("/") for p in arr.tolist()]
@@ -445,7 +492,7 @@ def _load_paths(file: Path) -> list[str]:
 
 def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
     """Per-query positive indices as int64 arrays, sorted, checked against the database size."""
-    arr = np.load(file, allow_pickle=True)
+    arr = load_npy(file)
     gt = [np.unique(np.asarray(g, dtype=np.int64).reshape(-1)) for g in arr]
     for i, g in enumerate(gt):
         if len(g) and (g[0] < 0 or g[-1] >= num_db):
@@ -460,7 +507,7 @@ def _msls_official(
     qidx_file: Path, pidx_file: Path | None, gt_file: Path | None, q_rel: list[str], num_db: int
 ) -> tuple[list[np.ndarray], list[str], str]:
     """Official MSLS-val: keep the queries listed in qIdx; positives from pIdx."""
-    qidx = np.load(qidx_file, allow_pickle=True).astype(np.int64).reshape(-1)
+    qidx = load_npy(qidx_file).astype(np.int64).reshape(-1)
     if len(qidx) and (qidx.min() < 0 or qidx.max() >= len(q_rel)):
         raise ValueError(f"{qidx_file}: query index out of range for {len(q_rel)} queries")
     src = pidx_file if pidx_file is not None else gt_file

@@ -276,6 +276,18 @@ def _float32_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _check_finite(x: np.ndarray, name: str, offset: int = 0) -> None:
+    """Raise naming the first row with NaN or inf: faiss would silently rank such rows
+    anywhere (or return -1). Checked in row chunks, so no full-size temporary is built."""
+    for s in range(0, len(x), SEARCH_CHUNK):
+        finite = np.isfinite(x[s : s + SEARCH_CHUNK]).all(axis=1)
+        if not finite.all():
+            row = offset + s + int(np.flatnonzero(~finite)[0])
+            raise ValueError(
+                f"{name} has NaN or inf values (first in row {row}); descriptors must be finite"
+            )
+
+
 def _flat_index(dim: int, use_gpu: bool | None) -> tuple[faiss.Index, Any]:
     """Exact L2 index, on the GPU when faiss has one (and `use_gpu` is not False).
 
@@ -318,13 +330,16 @@ def search(
         raise ValueError(f"k must be between 1 and the database size {len(db)}, got k={k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_finite(db, "db_desc")
     index, _resources = _flat_index(db.shape[1], use_gpu)
     index.add(_float32_rows(db))
     indices = np.empty((len(q), k), dtype=np.int64)
     distances = np.empty((len(q), k), dtype=np.float32)
     for s in range(0, len(q), chunk_size):
         e = min(s + chunk_size, len(q))
-        index.search(_float32_rows(q[s:e]), k, D=distances[s:e], I=indices[s:e])
+        rows = _float32_rows(q[s:e])
+        _check_finite(rows, "q_desc", offset=s)
+        index.search(rows, k, D=distances[s:e], I=indices[s:e])
     index.reset()
     return (indices, distances) if return_distances else indices
 
@@ -338,10 +353,19 @@ def correct_matrix(predictions: np.ndarray, ground_truth: Sequence[np.ndarray]) 
         raise ValueError(
             f"ground_truth has {len(ground_truth)} queries but predictions has {len(pred)}"
         )
-    lengths = np.array([len(g) for g in ground_truth], dtype=np.int64)
+    if pred.size and not np.issubdtype(pred.dtype, np.integer):
+        raise ValueError(f"predictions must be integer database indices, got dtype {pred.dtype}")
+    gts = [np.asarray(g) for g in ground_truth]
+    for i, g in enumerate(gts):  # a float NaN would silently cast to a huge integer
+        if g.size and not np.issubdtype(g.dtype, np.integer):
+            raise ValueError(
+                f"ground_truth[{i}] must hold integer database indices, got {g.dtype} "
+                f"{g.reshape(-1)[:5].tolist()}"
+            )
+    lengths = np.array([g.size for g in gts], dtype=np.int64)
     flat = (
-        np.concatenate([np.asarray(g, dtype=np.int64).reshape(-1) for g in ground_truth])
-        if len(ground_truth)
+        np.concatenate([g.astype(np.int64).reshape(-1) for g in gts])
+        if len(gts)
         else np.empty(0, np.int64)
     )
     if len(flat) == 0:

@@ -23,9 +23,20 @@ PIL's draft mode (DCT-domain downscaling) does not help here: it only reduces by
 two while keeping both sides >= the target, so 640x480 -> 320x320 decodes at full size anyway.
 On one core this path gives about 2x the images/s of the reference PIL pipeline.
 
-With decode="gpu" the workers only read the JPEG bytes; `batch_to_device` decodes the batch
-with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")), resizes and augments it on the
-GPU, so the CPU is no longer the bottleneck. On a CPU device the same code runs on the CPU.
+On a GPU, RandAugment costs more CPU time than decoding (about 2x on one core), so two
+more modes move work to the device (bench/train_throughput.py compares them):
+- decode="gpu": the workers only read the JPEG bytes; `batch_to_device` decodes the batch
+  with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")), resizes and augments it on
+  the GPU, so the CPU is no longer the bottleneck;
+- decode="mixed": the workers decode and resize K - gpu_images images of each place, the
+  device decodes the other gpu_images with nvJPEG, and RandAugment runs on the device for
+  all of them: CPU cores and the GPU's JPEG decoder share the decoding. gpu_images=0 is
+  "CPU decode, device augmentation".
+In both, RandAugment stays per image: each image's ops are drawn in the worker from its own
+seed (`transforms.draw_plans`) and the device applies them, grouping the images that share
+an op (`transforms.apply_plans`). The JPEG bytes of a batch travel packed in one buffer (one
+shared-memory segment and one pinned copy per batch, not one per image). On a CPU device the
+same code runs on the CPU and gives the same tensors as decode="cpu".
 
 Image choice and augmentation of item i are a pure function of (seed, epoch, i): the same
 batches come out whatever the number of workers or the order of access, which makes
@@ -40,7 +51,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +59,10 @@ import pandas as pd
 import torch
 
 from .transforms import (
-    augment_batch,
+    apply_plans,
     decode_image_bytes,
     decode_jpeg_batch,
+    draw_plans,
     eval_transform,
     read_image_bytes,
     to_model_input,
@@ -61,6 +73,15 @@ COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "pa
 INT_COLUMNS = ("place_id", "year", "month", "northdeg")
 FLOAT_COLUMNS = ("lat", "lon")
 PLACE_STRIDE = 10**5  # place = city index * PLACE_STRIDE + place_id, as the reference does
+# Valid values per column (inclusive): what the file names can encode and the data can mean.
+VALUE_RANGES = {
+    "place_id": (0, PLACE_STRIDE - 1),
+    "year": (0, 9999),
+    "month": (1, 12),
+    "northdeg": (0, math.inf),
+    "lat": (-90.0, 90.0),
+    "lon": (-180.0, 180.0),
+}
 LAYOUT = "<root>/Dataframes/<City>.csv and <root>/Images/<city_id>/<image>.jpg"
 FILENAME_FORMAT = (
     "{city_id}_{place_id:07d}_{year:04d}_{month:02d}_{northdeg:03d}_{lat}_{lon}_{panoid}.jpg"
@@ -191,11 +212,15 @@ def _resolve(names, available: dict[str, str | None], kind: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _bad_row(path, df: pd.DataFrame, column: str, mask) -> ValueError:
+def _bad_row(path, df: pd.DataFrame, column: str, mask, expected: str | None = None) -> ValueError:
     i = int(np.flatnonzero(np.asarray(mask))[0])
+    value = df[column].iloc[i]
+    value = value.item() if isinstance(value, np.generic) else value
+    if expected is None:
+        expected = "an integer" if column in INT_COLUMNS else "a number"
     return ValueError(
-        f"{path}: column {column!r} has a bad value {df[column].iloc[i]!r} in row {i} "
-        f"(line {i + 2}); expected {'an integer' if column in INT_COLUMNS else 'a number'}"
+        f"{path}: column {column!r} has a bad value {value!r} in row {i} "
+        f"(line {i + 2}); expected {expected}"
     )
 
 
@@ -211,6 +236,8 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
     if len(df) == 0:
         raise ValueError(f"city CSV {path} has no rows")
     for col in INT_COLUMNS:
+        if pd.api.types.is_bool_dtype(df[col]):  # pandas reads True/False cells as bools
+            raise _bad_row(path, df, col, np.ones(len(df), bool))
         if not pd.api.types.is_integer_dtype(df[col]):
             num = pd.to_numeric(df[col], errors="coerce")
             bad = num.isna() | (num != np.floor(num))
@@ -228,10 +255,11 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
     for col in ("city_id", "panoid"):
         if df[col].isna().any():
             raise _bad_row(path, df, col, df[col].isna())
-    if (df["place_id"] < 0).any() or (df["place_id"] >= PLACE_STRIDE).any():
-        raise _bad_row(
-            path, df, "place_id", (df["place_id"] < 0) | (df["place_id"] >= PLACE_STRIDE)
-        )
+    for col, (lo, hi) in VALUE_RANGES.items():
+        bad = ~df[col].between(lo, hi)  # also catches inf
+        if bad.any():
+            expected = f"a value >= {lo}" if hi == math.inf else f"a value in {lo}..{hi}"
+            raise _bad_row(path, df, col, bad, expected)
     ids = df["city_id"].unique()
     if len(ids) != 1:
         raise ValueError(f"{path}: expected one city_id per CSV, found {list(ids)[:5]}")
@@ -461,22 +489,70 @@ def _pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
+def _pack_tensors(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D uint8 tensors -> (one buffer, int64 offsets [n+1])."""
+    offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
+    if tensors:
+        torch.cumsum(torch.tensor([t.numel() for t in tensors]), 0, out=offsets[1:])
+        return torch.cat(tensors), offsets
+    return torch.empty(0, dtype=torch.uint8), offsets
+
+
 @dataclass
 class EncodedImages:
-    """A batch (or one item) of encoded JPEGs for decode="gpu": raw bytes, one augmentation
-    seed per image, file paths (for error messages) and the (P, K) batch shape."""
+    """Images that the device finishes (decode="gpu" or "mixed"), for one place or a batch.
 
-    data: list[torch.Tensor]
-    seeds: torch.Tensor
+    - buffer, offsets: the JPEG bytes of the images the device decodes, packed in one uint8
+      buffer (image i is buffer[offsets[i]:offsets[i + 1]]; `data` lists them as views);
+    - paths: their files (for error messages);
+    - decoded: images the workers already decoded and resized, uint8 [..., k_cpu, 3, H, W]
+      (decode="mixed"), or None;
+    - plans: the RandAugment ops of every image, int64 [N, num_ops, 2] (see
+      transforms.draw_plans), or None without augmentation;
+    - shape: (K,) for one place, (P, K) for a batch; per place the worker-decoded images
+      come first.
+    """
+
+    buffer: torch.Tensor
+    offsets: torch.Tensor
     paths: list[str]
+    plans: torch.Tensor | None
     shape: tuple[int, ...]
+    decoded: torch.Tensor | None = None
+
+    @property
+    def data(self) -> list[torch.Tensor]:
+        """The encoded images, as views into `buffer`."""
+        bounds = self.offsets.tolist()
+        return [self.buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def __len__(self) -> int:
-        return len(self.data)
+        return math.prod(self.shape)
 
     def pin_memory(self) -> EncodedImages:
+        """Pinned copy (the DataLoader calls this with pin_memory=True)."""
+        decoded = self.decoded.pin_memory() if self.decoded is not None else None
+        return replace(self, buffer=self.buffer.pin_memory(), decoded=decoded)
+
+    @staticmethod
+    def collate(items: list[EncodedImages], shape: tuple[int, ...]) -> EncodedImages:
+        """Items of P places -> one batch of `shape` (P, K), bytes in one buffer."""
+        buffer, _ = _pack_tensors([e.buffer for e in items])
+        sizes = torch.tensor([e.buffer.numel() for e in items], dtype=torch.int64)
+        bases = torch.cumsum(sizes, 0) - sizes
+        offsets = torch.cat(
+            [torch.zeros(1, dtype=torch.int64)]
+            + [e.offsets[1:] + base for e, base in zip(items, bases.tolist(), strict=True)]
+        )
         return EncodedImages(
-            [d.pin_memory() for d in self.data], self.seeds, self.paths, self.shape
+            buffer=buffer,
+            offsets=offsets,
+            paths=[p for e in items for p in e.paths],
+            plans=torch.cat([e.plans for e in items]) if items[0].plans is not None else None,
+            shape=shape,
+            decoded=torch.stack([e.decoded for e in items])
+            if items[0].decoded is not None
+            else None,
         )
 
 
@@ -500,9 +576,11 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     out. `transform` (uint8 [3,H,W] -> [3,h,w]) defaults to resize + RandAugment(3)
     (augment=True) or resize only (augment=False). Labels are the `place` column.
 
-    decode="cpu": items hold decoded uint8 images; decode="gpu": items hold the JPEG bytes
-    and `batch_to_device` decodes, resizes and augments on the device. Use
-    `collate_fn` in the DataLoader and `batch_to_device` on each batch.
+    decode="cpu": items hold decoded (and augmented) uint8 images; decode="gpu": items hold
+    the JPEG bytes and `batch_to_device` decodes, resizes and augments on the device;
+    decode="mixed": the workers decode and resize K - gpu_images images per place (default
+    gpu_images = K // 2), the device decodes the rest and augments all (see the module
+    docstring). Use `collate_fn` in the DataLoader and `batch_to_device` on each batch.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
     image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
     filtered read_gsv_dataframes table; needs `place` and `path`). Copies of the dataset in
@@ -524,18 +602,22 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         interpolation: str = "bilinear",
         on_corrupt: str = "error",
         dataframe: pd.DataFrame | None = None,
+        gpu_images: int | None = None,
     ):
         if img_per_place < 1 or img_per_place > min_img_per_place:
             raise ValueError(
                 f"need 1 <= img_per_place <= min_img_per_place, got {img_per_place} and "
                 f"{min_img_per_place}"
             )
-        if decode not in ("cpu", "gpu"):
-            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
+        if decode not in ("cpu", "gpu", "mixed"):
+            raise ValueError(f"decode must be 'cpu', 'gpu' or 'mixed', got {decode!r}")
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
-        if decode == "gpu" and transform is not None:
-            raise ValueError("decode='gpu' augments on the device: pass augment=, not transform=")
+        if decode != "cpu" and transform is not None:
+            raise ValueError(
+                f"decode={decode!r} augments on the device: pass augment=, not transform="
+            )
+        gpu_images = _gpu_images(decode, gpu_images, int(img_per_place))
         self.root = Path(root)
         if dataframe is None:
             dataframe = read_gsv_dataframes(self.root, cities)
@@ -562,9 +644,12 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         self.augment = bool(augment)
         self.interpolation = interpolation
         self.on_corrupt = on_corrupt
+        self.gpu_images = gpu_images
         if transform is None and decode == "cpu":
             make = train_transform if augment else eval_transform
             transform = make(self.image_size, interpolation)
+        elif decode == "mixed":  # the workers only resize; augmentation happens on the device
+            transform = eval_transform(self.image_size, interpolation)
         self.transform = transform
         place = self.dataframe["place"].to_numpy()
         starts = np.flatnonzero(np.r_[True, place[1:] != place[:-1]])
@@ -598,7 +683,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"GSVCitiesDataset({len(self)} places, {self.num_images} images, "
-            f"K={self.img_per_place}, size={self.image_size}, decode={self.decode!r})"
+            f"K={self.img_per_place}, size={self.image_size}, decode={self.decode!r}"
+            + (f", gpu_images={self.gpu_images})" if self.decode == "mixed" else ")")
         )
 
     def _path(self, row: int) -> str:
@@ -614,9 +700,11 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index, 0))
         return start + torch.randperm(count, generator=g).numpy()
 
-    def _load(self, path: str) -> torch.Tensor:
+    def _load(self, path: str, encoded: bool) -> torch.Tensor:
+        """The image at `path`: its JPEG bytes (`encoded`, checked for completeness) or
+        decoded uint8 [3,H,W]."""
         data = read_image_bytes(path)
-        if self.decode == "gpu":
+        if encoded:
             if not _looks_complete_jpeg(data):
                 raise ValueError(f"cannot decode image {path}: not a complete JPEG file")
             return data
@@ -626,11 +714,12 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"place index {index} out of range for {len(self)} places")
         k = self.img_per_place
+        k_cpu = k - self.gpu_images  # the first k_cpu images are decoded here
         loaded, paths = [], []
         for row in self._candidates(index):
             path = self._path(int(row))
             try:
-                loaded.append(self._load(path))
+                loaded.append(self._load(path, encoded=len(loaded) >= k_cpu))
             except (ValueError, FileNotFoundError) as e:
                 if self.on_corrupt == "error":
                     raise
@@ -646,9 +735,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
             )
         labels = torch.full((k,), int(self._labels[index]), dtype=torch.int64)
         seeds = [_item_seed(self.seed, self.epoch, index, 1 + j) for j in range(k)]
-        if self.decode == "gpu":
-            seeds_t = torch.tensor(seeds, dtype=torch.int64)
-            return EncodedImages(loaded, seeds_t, paths, (k,)), labels
+        if self.decode != "cpu":
+            return self._device_item(loaded, paths, seeds, k_cpu), labels
         out = []
         with torch.random.fork_rng(devices=[]):
             for img, s in zip(loaded, seeds, strict=True):
@@ -656,29 +744,62 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
                 out.append(self.transform(img))
         return torch.stack(out), labels
 
+    def _device_item(self, loaded, paths, seeds, k_cpu: int) -> EncodedImages:
+        """One place for decode="gpu"/"mixed": the first k_cpu images resized here, the rest
+        as bytes; the RandAugment ops of all drawn here from their seeds (cheap, and it keeps
+        per-image Python work off the training process)."""
+        buffer, offsets = _pack_tensors(loaded[k_cpu:])
+        decoded = None
+        if k_cpu:
+            decoded = torch.stack([self.transform(img) for img in loaded[:k_cpu]])
+        plans = None
+        if self.augment:
+            plans = draw_plans(seeds, *self.image_size, interpolation=self.interpolation)
+        return EncodedImages(buffer, offsets, paths[k_cpu:], plans, (len(seeds),), decoded)
+
     # -- batching
     def collate_fn(self, items):
         """[(images, labels)] -> (images [P,K,3,H,W] uint8 or EncodedImages, labels [P,K])."""
         labels = torch.stack([lab for _, lab in items])
-        if self.decode == "gpu":
-            data = [d for enc, _ in items for d in enc.data]
-            seeds = torch.cat([enc.seeds for enc, _ in items])
-            paths = [p for enc, _ in items for p in enc.paths]
-            return EncodedImages(data, seeds, paths, tuple(labels.shape)), labels
+        if self.decode != "cpu":
+            return EncodedImages.collate([enc for enc, _ in items], tuple(labels.shape)), labels
         return torch.stack([img for img, _ in items]), labels
 
     def batch_to_device(self, images, device, channels_last: bool = False) -> torch.Tensor:
-        """A collated batch -> normalised float [P*K,3,H,W] on `device`. For decode="gpu"
-        this decodes (nvJPEG on CUDA), resizes and RandAugments each image on the device."""
+        """A collated batch -> normalised float [P*K,3,H,W] on `device`. For decode="gpu" and
+        "mixed" this decodes (nvJPEG on CUDA), resizes and RandAugments on the device."""
         if isinstance(images, EncodedImages):
-            device = torch.device(device)
-            batch = decode_jpeg_batch(
-                images.data, device, self.image_size, self.interpolation, images.paths
-            )
-            if self.augment:
-                batch = augment_batch(batch, images.seeds.tolist(), 3, self.interpolation)
-            images = batch
+            images = self._finish_on_device(images, torch.device(device))
         return to_model_input(images, device, channels_last=channels_last)
+
+    def _finish_on_device(self, images: EncodedImages, device: torch.device) -> torch.Tensor:
+        """EncodedImages -> uint8 [N,3,H,W] on `device`, decoded, resized and augmented."""
+        places = images.shape[0] if len(images.shape) == 2 else 1
+        size = self.image_size
+        parts = []
+        if images.decoded is not None:
+            parts.append(images.decoded.to(device, non_blocking=True).view(places, -1, 3, *size))
+        if len(images.paths):
+            batch = decode_jpeg_batch(images.data, device, size, self.interpolation, images.paths)
+            parts.append(batch.view(places, -1, 3, *size))
+        batch = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        batch = batch.flatten(0, 1)
+        if images.plans is not None:
+            batch = apply_plans(batch, images.plans, self.interpolation)
+        return batch
+
+
+def _gpu_images(decode: str, gpu_images: int | None, k: int) -> int:
+    """Images per place decoded on the device: all for "gpu", none for "cpu", `gpu_images`
+    (default K // 2) for "mixed"."""
+    if decode != "mixed":
+        if gpu_images is not None:
+            raise ValueError(f"gpu_images applies to decode='mixed' only, got decode={decode!r}")
+        return k if decode == "gpu" else 0
+    gpu_images = k // 2 if gpu_images is None else gpu_images
+    if isinstance(gpu_images, bool) or not isinstance(gpu_images, int) or not 0 <= gpu_images <= k:
+        raise ValueError(f"gpu_images must be an int in 0..{k} (img_per_place), got {gpu_images!r}")
+    return gpu_images
 
 
 def _haversine_m(lat1, lon1, lat2, lon2):

@@ -493,7 +493,7 @@ def fit(
 
         if ckpt_dir is not None:
             state = {
-                "state_dict": model.state_dict(),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "model_config": model_config,
                 "epoch": epoch,
                 "global_step": global_step,

@@ -1,0 +1,353 @@
+"""Training throughput: end to end (JPEG files -> batches -> train step) vs the step alone.
+
+    python bench/train_throughput.py              # full size: CUDA if available
+    python bench/train_throughput.py --small      # CPU smoke run (~30 s)
+
+Builds (in a temporary folder, or --data-dir) a GSV-Cities tree of 640x480 JPEGs of ~106 KB
+(copies of a pool of distinct noisy images: decoding cost depends on the bytes, not on
+whether two files hold the same ones), then in one run measures:
+
+- model-only: images/s of `vprlib.train.train_step` (the step `fit` runs: forward, miner,
+  Multi-Similarity loss, backward, SGD) on a batch already on the device;
+- for each input path (--modes): images/s of the input pipeline alone (GSVCitiesDataset +
+  DataLoader + `device_batches`, what `fit` iterates) and end to end (the same + train_step),
+  with the ratio end-to-end / model-only last (goal >= 0.85 on a GPU).
+
+Input paths: "cpu" (workers decode, resize and RandAugment; the device normalises),
+"mixed:N" (workers decode and resize K - N images per place, nvJPEG decodes N on the device,
+RandAugment runs on the device; "mixed:0" = CPU decode + device augmentation), "gpu" (workers
+read bytes; the device decodes, resizes, augments). Full-size defaults: ResNet50 cropped at
+layer4 + Conv-AP, 320x320, 100 places x 4 images, bf16 autocast, channels_last and
+torch.compile on CUDA. Model-only is measured before and after the input paths and the ratio
+uses the faster of the two (so drift cannot flatter the pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
+from vprlib.losses import get_loss, get_miner  # noqa: E402
+from vprlib.models import VPRModel  # noqa: E402
+from vprlib.train import (  # noqa: E402
+    default_num_workers,
+    device_batches,
+    make_loader,
+    make_optimizer,
+    resolve_precision,
+    train_step,
+)
+
+CITY = "Bench"
+FULL_MODES = "cpu,mixed:0,mixed:1,mixed:2,gpu"
+SMALL_MODES = "cpu,mixed:2,gpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic JPEGs (shared with eval_throughput.py)
+
+
+def noisy_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480) -> bytes:
+    """A photo-like JPEG (smooth structure + texture noise, quality 90): ~106 KB at 640x480,
+    about the size and decoding cost of a real GSV-Cities image."""
+    from PIL import Image
+
+    small = rng.integers(0, 256, size=(height // 16, width // 16, 3), dtype=np.uint8)
+    base = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 7, size=(height, width, 3))
+    pixels = np.clip(np.asarray(base, np.int16) + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def jpeg_pool(count: int, seed: int = 0) -> list[bytes]:
+    """`count` distinct synthetic JPEGs."""
+    rng = np.random.default_rng(seed)
+    return [noisy_jpeg(rng) for _ in range(count)]
+
+
+def make_gsv_tree(root: Path, places: int, img_per_place: int, pool: list[bytes]) -> None:
+    """A GSV-Cities layout (one city) of places x img_per_place JPEGs copied from `pool`."""
+    rows = []
+    folder = root / "Images" / CITY
+    folder.mkdir(parents=True)
+    for p in range(places):
+        for j in range(img_per_place):
+            row = {
+                "place_id": p,
+                "year": 2010 + j % 10,
+                "month": 1 + j % 12,
+                "northdeg": (37 * j) % 360,
+                "city_id": CITY,
+                "lat": round(45.0 + p * 1e-3, 7),
+                "lon": round(7.0 + j * 1e-5, 7),
+                "panoid": f"b{p:07d}_{j:03d}".ljust(22, "x"),
+            }
+            (folder / gsv_filename(row)).write_bytes(pool[(p * img_per_place + j) % len(pool)])
+            rows.append(row)
+    (root / "Dataframes").mkdir()
+    pd.DataFrame(rows).to_csv(root / "Dataframes" / f"{CITY}.csv", index=False)
+
+
+def ensure_gsv_tree(root: Path, places: int, img_per_place: int, pool_size: int) -> None:
+    """Build the tree in `root` unless a tree of the same size is already there."""
+    spec = {"places": places, "img_per_place": img_per_place, "pool": pool_size, "v": 1}
+    marker = root / "bench_tree.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return
+    for sub in ("Images", "Dataframes"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    make_gsv_tree(root, places, img_per_place, jpeg_pool(pool_size))
+    marker.write_text(json.dumps(spec))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """Model, loss, miner, optimizer and scaler set up as `fit` does; `step` = train_step."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        crop = [4] if args.backbone.startswith(("resnet50", "resnet101", "resnet152")) else []
+        if args.layers_to_crop is not None:
+            crop = args.layers_to_crop
+        self.model = VPRModel(args.backbone, pretrained=False, layers_to_crop=crop, agg="convap")
+        self.model.to(device).train()
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = get_loss("MultiSimilarityLoss").to(device)
+        self.miner = get_miner("MultiSimilarityMiner")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # a small lr: random data must not blow the weights up during the timing
+        self.optimizer = make_optimizer(params, "sgd", 1e-3, 0.9, 1e-3)
+        self.precision = args.precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        self.forward = torch.compile(self.model) if args.compile else self.model
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        return train_step(
+            self.forward,
+            images,
+            labels,
+            self.loss_fn,
+            self.miner,
+            self.optimizer,
+            self.scaler,
+            self.precision,
+        )
+
+
+def model_only(trainer: Trainer, args, device: torch.device) -> float:
+    """Images/s of train_step on one in-memory batch (uint8 noise, normalised on the device)."""
+    p, k = args.places_per_batch, args.img_per_place
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (p * k, 3, *args.image_size), dtype=torch.uint8, generator=g)
+    from vprlib.transforms import to_model_input
+
+    x = to_model_input(images, device, channels_last=args.channels_last)
+    labels = torch.arange(p).repeat_interleave(k).to(device)
+    for _ in range(args.warmup_steps):
+        trainer.step(x, labels)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.step(x, labels)
+    synchronize(device)
+    return args.steps * p * k / (time.perf_counter() - t0)
+
+
+def parse_mode(mode: str) -> dict:
+    """'cpu' | 'gpu' | 'mixed:N' -> GSVCitiesDataset keyword arguments."""
+    if mode in ("cpu", "gpu"):
+        return {"decode": mode}
+    name, _, n = mode.partition(":")
+    if name == "mixed" and n.isdigit():
+        return {"decode": "mixed", "gpu_images": int(n)}
+    raise ValueError(f"unknown mode {mode!r}: use cpu, gpu or mixed:N (N images per place)")
+
+
+def run_pipeline(args, device, dataset, trainer: Trainer | None, seed: int) -> float:
+    """Images/s over args.steps batches after args.warmup_steps, through the loader and
+    `device_batches` as fit runs them, with train_step when `trainer` is given."""
+    loader, sampler = make_loader(
+        dataset,
+        args.places_per_batch,
+        seed,
+        args.num_workers,
+        device,
+        max_steps_per_epoch=args.warmup_steps + args.steps,
+    )
+    sampler.set_epoch(seed)
+    batches = device_batches(loader, dataset, device, args.channels_last, args.prefetch)
+    images, t0 = 0, None
+    try:
+        for i, (x, labels) in enumerate(batches):
+            if i == args.warmup_steps:
+                synchronize(device)
+                t0 = time.perf_counter()
+            if trainer is not None:
+                trainer.step(x, labels)
+            if i >= args.warmup_steps:
+                images += labels.numel()
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        batches.close()
+        del batches, loader
+        gc.collect()
+    return images / seconds
+
+
+def machine_summary(device: torch.device) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{name}, {cores} CPU cores, torch {torch.__version__}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="tiny CPU smoke run (~30 s)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--data-dir", type=Path, default=None, help="build/reuse the tree here")
+    p.add_argument("--backbone", default=None, help="default resnet50 (resnet18 with --small)")
+    p.add_argument("--layers-to-crop", type=int, nargs="*", default=None)
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--places-per-batch", type=int, default=None)
+    p.add_argument("--img-per-place", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="default: fit's default")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead")
+    p.add_argument("--modes", default=None, help=f"comma list (default {FULL_MODES})")
+    p.add_argument("--pool", type=int, default=None, help="distinct JPEGs to copy from")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    small = args.small
+    args.device = torch.device(args.device or ("cuda" if cuda and not small else "cpu"))
+    on_cuda = args.device.type == "cuda"
+    defaults = {
+        "backbone": "resnet18" if small else "resnet50",
+        "image_size": [64, 64] if small else [320, 320],
+        "places_per_batch": 8 if small else 100,
+        "steps": 3 if small else 30,
+        "warmup_steps": 1 if small else 8,
+        "modes": SMALL_MODES if small else FULL_MODES,
+        "pool": 8 if small else 256,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.image_size = tuple(args.image_size)
+    args.num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    args.precision = resolve_precision(args.precision, args.device)
+    args.compile = args.compile == "on" or (args.compile == "auto" and on_cuda)
+    args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda)
+    args.prefetch = (1 if on_cuda else 0) if args.prefetch is None else args.prefetch
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in args.modes:
+        parse_mode(mode)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    p, k = args.places_per_batch, args.img_per_place
+    places = (args.warmup_steps + args.steps) * p
+    print(f"device: {machine_summary(device)}")
+    print(
+        f"settings: {args.backbone} crop {args.layers_to_crop or 'default'}, "
+        f"{args.image_size[0]}x{args.image_size[1]}, {p} places x {k} images, "
+        f"{args.warmup_steps} warm-up + {args.steps} timed steps, precision {args.precision}, "
+        f"compile {args.compile}, channels_last {args.channels_last}, "
+        f"workers {args.num_workers}, prefetch {args.prefetch}",
+        flush=True,
+    )
+    tmp = None
+    root = args.data_dir
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="vprlib_train_bench_")
+        root = Path(tmp.name)
+    try:
+        t = time.perf_counter()
+        ensure_gsv_tree(root, places, k, args.pool)
+        sizes = [f.stat().st_size for f in list((root / "Images" / CITY).iterdir())[:200]]
+        print(
+            f"data: {places * k} JPEGs 640x480, ~{np.mean(sizes) / 1e3:.0f} KB each "
+            f"({time.perf_counter() - t:.1f} s to build or check)",
+            flush=True,
+        )
+        trainer = Trainer(args, device)
+        t = time.perf_counter()
+        first = model_only(trainer, args, device)
+        print(f"model-only: {first:.0f} img/s ({time.perf_counter() - t:.1f} s incl. warm-up)")
+        rows = []
+        for i, mode in enumerate(args.modes):
+            dataset = GSVCitiesDataset(
+                root, img_per_place=k, image_size=args.image_size, seed=i, **parse_mode(mode)
+            )
+            pipeline = run_pipeline(args, device, dataset, None, seed=2 * i)
+            e2e = run_pipeline(args, device, dataset, trainer, seed=2 * i + 1)
+            rows.append({"mode": mode, "pipeline": pipeline, "e2e": e2e})
+            print(f"{mode}: pipeline {pipeline:.0f} img/s, end-to-end {e2e:.0f} img/s", flush=True)
+        last = model_only(trainer, args, device)
+        print(f"model-only again: {last:.0f} img/s")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    reference = max(first, last)
+    print()
+    print(f"{'path':<10} {'pipeline img/s':>15} {'end-to-end img/s':>17} {'ratio e2e/model':>16}")
+    print(f"{'model':<10} {'-':>15} {reference:>17.0f} {1.0:>16.2f}")
+    for row in rows:
+        row["ratio"] = row["e2e"] / reference
+        print(
+            f"{row['mode']:<10} {row['pipeline']:>15.0f} {row['e2e']:>17.0f} {row['ratio']:>16.2f}"
+        )
+    best = max(rows, key=lambda r: r["ratio"])
+    verdict = "met" if best["ratio"] >= 0.85 else "MISSED"
+    print(f"best: {best['mode']} at {best['ratio']:.2f} of model-only (goal >= 0.85: {verdict})")
+    result = {
+        "device": machine_summary(device),
+        "settings": {
+            key: (str(v) if isinstance(v, (Path, torch.device)) else v)
+            for key, v in vars(args).items()
+        },
+        "model_only": [first, last],
+        "rows": rows,
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

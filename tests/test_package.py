@@ -1,0 +1,58 @@
+"""`import vprlib` needs only the core dependencies and exposes the public API of DESIGN.md."""
+
+import subprocess
+import sys
+import textwrap
+
+NOTEBOOK_LIBS = ["folium", "ipywidgets", "matplotlib", "gdown", "tqdm", "IPython", "jupyterlab"]
+
+
+def test_import_works_with_notebook_libraries_blocked():
+    # A finder that refuses every notebook-only library: vprlib must import (and work) without them.
+    code = textwrap.dedent(
+        f"""
+        import sys
+        BLOCKED = {NOTEBOOK_LIBS!r}
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked for this test: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import torch
+        import vprlib
+
+        model = vprlib.VPRModel("resnet18", layers_to_crop=(4,), agg="gem")
+        out = model(torch.zeros(2, 3, 64, 64))
+        assert out.shape == (2, model.descriptor_dim)
+        loaded = [m for m in BLOCKED if m in sys.modules]
+        assert not loaded, loaded
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_public_api_names():
+    import vprlib
+
+    for name in [
+        "parse_gsv_filename",
+        "gsv_filename",
+        "read_gsv_dataframes",
+        "GSVCitiesDataset",
+        "VPRModel",
+        "load_pretrained",
+        "load_benchmark",
+        "extract_descriptors",
+        "search",
+        "recall_at_k",
+        "evaluate",
+        "fit",
+    ]:
+        assert callable(getattr(vprlib, name)), name
+    assert set(vprlib.__all__) <= set(dir(vprlib))
