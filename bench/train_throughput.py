@@ -4,8 +4,7 @@
     python bench/train_throughput.py --small      # CPU smoke run (~30 s)
 
 Builds (in a temporary folder, or --data-dir) a GSV-Cities tree of 640x480 JPEGs of ~106 KB
-(copies of a pool of distinct noisy images: decoding cost depends on the bytes, not on
-whether two files hold the same ones), then in one run measures:
+(copies of a pool of distinct noisy images, see synthetic.py), then in one run measures:
 
 - model-only: images/s of `vprlib.train.train_step` (the step `fit` runs: forward, miner,
   Multi-Similarity loss, backward, SGD) on a batch already on the device;
@@ -26,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +38,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic import jpeg_pool, machine_summary, synchronize  # noqa: E402
 
 from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
 from vprlib.losses import get_loss, get_miner  # noqa: E402
@@ -60,27 +60,7 @@ SMALL_MODES = "cpu,mixed:2,gpu"
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic JPEGs (shared with eval_throughput.py)
-
-
-def noisy_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480) -> bytes:
-    """A photo-like JPEG (smooth structure + texture noise, quality 90): ~106 KB at 640x480,
-    about the size and decoding cost of a real GSV-Cities image."""
-    from PIL import Image
-
-    small = rng.integers(0, 256, size=(height // 16, width // 16, 3), dtype=np.uint8)
-    base = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
-    noise = rng.normal(0, 7, size=(height, width, 3))
-    pixels = np.clip(np.asarray(base, np.int16) + noise, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def jpeg_pool(count: int, seed: int = 0) -> list[bytes]:
-    """`count` distinct synthetic JPEGs."""
-    rng = np.random.default_rng(seed)
-    return [noisy_jpeg(rng) for _ in range(count)]
+# Data
 
 
 def make_gsv_tree(root: Path, places: int, img_per_place: int, pool: list[bytes]) -> None:
@@ -121,11 +101,6 @@ def ensure_gsv_tree(root: Path, places: int, img_per_place: int, pool_size: int)
 
 # ----------------------------------------------------------------------------------------------
 # Measurements
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -220,12 +195,6 @@ def run_pipeline(args, device, dataset, trainer: Trainer | None, seed: int) -> f
         del batches, loader
         gc.collect()
     return images / seconds
-
-
-def machine_summary(device: torch.device) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return f"{name}, {cores} CPU cores, torch {torch.__version__}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,14 +29,23 @@ import pickle
 import re
 import shutil
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vprlib import GSVCitiesDataset, VPRModel, extract_descriptors, fit, load_pretrained
-from vprlib.benchmarks import Benchmark, load_benchmark
+from vprlib import (
+    GSVCitiesDataset,
+    VPRModel,
+    extract_descriptors,
+    fit,
+    load_pretrained,
+    recall_at_k,
+    search,
+)
+from vprlib.benchmarks import Benchmark, load_benchmark, load_npy
 from vprlib.evaluate import EvalResults, evaluate_descriptors
 from vprlib.train import save_checkpoint
 
@@ -270,15 +279,6 @@ def unsafe_load(site) -> bool:
     return True  # pickle.load(s), torch.jit.load, ...: never on user files
 
 
-# np.load(..., allow_pickle=True) sites accepted for now, with the reason.
-KNOWN_PICKLE_LOADS = {
-    # benchmark lists (<name>_dbImages/qImages/gt.npy) are object arrays by convention; the
-    # docstring says to load only trusted files. See the report: a restricted unpickler
-    # (numpy arrays, str, int only) would remove this hole.
-    ("benchmarks.py", "np.load"),
-}
-
-
 def test_every_torch_load_uses_weights_only():
     sites = [s for p in LIB_FILES for s in load_sites(p.read_text(), p.name)]
     torch_loads = [s for s in sites if s[2] == "torch.load"]
@@ -286,7 +286,7 @@ def test_every_torch_load_uses_weights_only():
     bad = [
         f"vprlib/{f}:{line}: {name}({kw})"
         for f, line, name, kw in sites
-        if unsafe_load((f, line, name, kw)) and (f, name) not in KNOWN_PICKLE_LOADS
+        if unsafe_load((f, line, name, kw))
     ]
     assert not bad, "loads that could run pickled code:\n" + "\n".join(bad)
     # weights load strictly: no load_state_dict(..., strict=False) anywhere
@@ -350,13 +350,7 @@ def test_failed_model_save_keeps_previous_file(tmp_path, monkeypatch, small_mode
 def small_results(seed: int) -> EvalResults:
     rng = np.random.default_rng(seed)
     db, q = rng.standard_normal((8, 4)), rng.standard_normal((3, 4))
-    bench = Benchmark(
-        name="toy",
-        db_paths=[f"db/{i}.jpg" for i in range(8)],
-        query_paths=[f"q/{i}.jpg" for i in range(3)],
-        ground_truth=[np.array([0, 1]), np.array([], np.int64), np.array([5])],
-    )
-    return evaluate_descriptors(db, q, bench, ks=(1, 5))
+    return evaluate_descriptors(db, q, small_benchmark(), ks=(1, 5))
 
 
 def test_failed_results_save_keeps_previous_file(tmp_path, monkeypatch):
@@ -469,6 +463,99 @@ def test_list_benchmark_missing_query_list(tmp_path):
     assert load_benchmark(npy / "toy_dbImages.npy").num_queries == 2
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_search_refuses_non_finite_descriptors(bad):
+    rng = np.random.default_rng(0)
+    db, q = rng.standard_normal((50, 8)).astype(np.float32), rng.standard_normal((7, 8))
+    db_bad, q_bad = db.copy(), q.copy()
+    db_bad[31, 2] = bad
+    q_bad[5, 0] = bad
+    with pytest.raises(ValueError, match=r"db_desc has NaN or inf values \(first in row 31\)"):
+        search(db_bad, q, 3)
+    with pytest.raises(ValueError, match=r"q_desc has NaN or inf values \(first in row 5\)"):
+        search(db, q_bad, 3, chunk_size=2)  # row 5 lies in the third query chunk
+    with pytest.raises(ValueError, match="db_desc"):
+        evaluate_descriptors(db_bad[28:36], q[:3], small_benchmark(), ks=(1,))
+    assert search(db, q, 3).shape == (7, 3)
+
+
+def test_recall_refuses_non_integer_predictions_or_ground_truth():
+    pred = np.array([[0, 1], [2, 3]])
+    gt = [np.array([0]), np.array([3])]
+    assert recall_at_k(pred, gt, ks=(1, 2)) == {1: 0.5, 2: 1.0}
+    with pytest.raises(ValueError, match="predictions must be integer.*float64"):
+        recall_at_k(np.array([[0.0, 1.0], [np.nan, 3.0]]), gt, ks=(1, 2))
+    with pytest.raises(ValueError, match=r"ground_truth\[1\] must hold integer.*nan"):
+        recall_at_k(pred, [np.array([0]), np.array([np.nan])], ks=(1, 2))
+    # queries without positives are fine: an empty list has no dtype to speak of
+    assert recall_at_k(pred, [[], np.array([3])], ks=(2,)) == {2: 0.5}
+
+
+def small_benchmark() -> Benchmark:
+    return Benchmark(
+        name="toy",
+        db_paths=[f"db/{i}.jpg" for i in range(8)],
+        query_paths=[f"q/{i}.jpg" for i in range(3)],
+        ground_truth=[np.array([0, 1]), np.array([], np.int64), np.array([5])],
+    )
+
+
+# ---------------------------------------------------------------------------- untrusted files
+
+
+def write_list_benchmark(folder: Path, gt: np.ndarray) -> Path:
+    """A 3-db, 2-query list-format set with `gt` as its _gt.npy; returns the dbImages file."""
+    npy = folder / "datasets_npy"
+    npy.mkdir(parents=True, exist_ok=True)
+    (folder / "toy").mkdir(exist_ok=True)
+    for i in range(3):
+        (folder / "toy" / f"{i}.jpg").touch()
+    np.save(npy / "toy_dbImages.npy", np.array([f"toy/{i}.jpg" for i in range(3)]))
+    np.save(npy / "toy_qImages.npy", np.array(["toy/0.jpg", "toy/1.jpg"]))
+    np.save(npy / "toy_gt.npy", gt, allow_pickle=True)
+    return npy / "toy_dbImages.npy"
+
+
+def object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def test_benchmark_lists_with_pickled_code_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    db_file = write_list_benchmark(tmp_path, object_array([np.array([0]), _Payload(marker)]))
+    gt_file = db_file.with_name("toy_gt.npy")
+    with pytest.raises(pickle.UnpicklingError, match=r"toy_gt\.npy.*posix\.mkdir"):
+        load_benchmark(db_file)
+    assert not marker.exists()
+    np.load(gt_file, allow_pickle=True)  # the payload is real: numpy's own loader runs it
+    assert marker.is_dir()
+
+
+def test_benchmark_lists_of_arrays_numbers_and_strings_still_load(tmp_path):
+    gt = object_array([np.array([0, 2], dtype=np.int64), [np.int64(1), 2]])
+    db_file = write_list_benchmark(tmp_path, gt)
+    bench = load_benchmark(db_file)
+    assert [g.tolist() for g in bench.ground_truth] == [[0, 2], [1, 2]]
+    paths = object_array(["toy/0.jpg", "toy/1.jpg"])  # object array of str
+    np.save(tmp_path / "paths.npy", paths, allow_pickle=True)
+    assert load_npy(tmp_path / "paths.npy").tolist() == ["toy/0.jpg", "toy/1.jpg"]
+    # files written by numpy 1.x name numpy.core.multiarray (numpy 2: numpy._core.multiarray);
+    # numpy < 1.17 pickled with protocol 2, later with protocol 3
+    for protocol in (2, 3):
+        old_style = pickle.dumps(gt, protocol=protocol).replace(b"numpy._core.", b"numpy.core.")
+        assert b"numpy.core.multiarray\n_reconstruct" in old_style
+        with open(db_file.with_name("toy_gt.npy"), "wb") as f:
+            header = {"descr": "|O", "fortran_order": False, "shape": (2,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(old_style)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 warns about numpy.core
+            again = load_benchmark(db_file)
+        assert [g.tolist() for g in again.ground_truth] == [[0, 2], [1, 2]], protocol
+
+
 # ---------------------------------------------------------------------------- resume
 
 
@@ -496,31 +583,30 @@ def test_resume_refuses_malicious_checkpoint_and_never_runs_it(tmp_path, resume_
     ckpt.mkdir()
     evil = {"state_dict": small_model.state_dict(), "epoch": 0, "rng": _Payload(marker)}
     torch.save(evil, ckpt / "last.ckpt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to load .*last\.ckpt.*posix\.mkdir"):
         fit(small_model, ds, epochs=2, checkpoint_dir=ckpt, resume=True, **kw)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to load .*last\.ckpt"):
         load_pretrained(ckpt / "last.ckpt")
     assert not marker.exists()
     torch.load(ckpt / "last.ckpt", weights_only=False)  # the payload is real: unsafe load runs it
     assert marker.is_dir()
 
 
-def test_resume_refuses_checkpoint_of_other_model_or_not_from_fit(
-    tmp_path, resume_setup, small_model
-):
+def test_resume_refuses_files_fit_did_not_write(tmp_path, resume_setup, small_model):
+    """(A checkpoint of fit with another architecture: test_train.py::test_resume_errors_and_auto.)"""
     ds, kw = resume_setup
     ckpt = tmp_path / "ckpt"
-    other = VPRModel("resnet18", layers_to_crop=[3, 4], agg="gem")
-    # a checkpoint of a fit() run with another architecture
-    small_model.save(ckpt / "weights.ckpt")
-    save_checkpoint(
-        ckpt / "last.ckpt", {"state_dict": other.state_dict(), "model_config": other.config}
-    )
-    with pytest.raises(ValueError, match=r"(?s)last\.ckpt.*model_config.*gem"):
+    last = ckpt / "last.ckpt"
+    # released-style plain weights, and weights with a model config, are not training state
+    small_model.save(last)
+    with pytest.raises(ValueError, match=r"last\.ckpt is not a training checkpoint.*'optimizer'"):
         fit(small_model, ds, epochs=2, checkpoint_dir=ckpt, resume=True, **kw)
-    # released-style plain weights are not a training checkpoint
-    shutil.copy(ckpt / "weights.ckpt", ckpt / "last.ckpt")
-    with pytest.raises(ValueError, match=r"last\.ckpt"):
+    save_checkpoint(last, {"state_dict": small_model.state_dict(), "model_config": {}})
+    with pytest.raises(ValueError, match=r"last\.ckpt is not a training checkpoint.*'epoch'"):
+        fit(small_model, ds, epochs=2, checkpoint_dir=ckpt, resume=True, **kw)
+    # a truncated file (e.g. copied while being written by another tool)
+    last.write_bytes(last.read_bytes()[:500])
+    with pytest.raises(ValueError, match=r"last\.ckpt is not a readable checkpoint"):
         fit(small_model, ds, epochs=2, checkpoint_dir=ckpt, resume=True, **kw)
 
 

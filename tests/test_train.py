@@ -212,7 +212,7 @@ def test_fp16_grad_scaler_adamw_and_no_miner(dataset, tmp_path):
         weight_decay=0.0,
         miner=None,
         checkpoint_dir=tmp_path,
-        **FIT,
+        **{**FIT, "progress": True},  # the tqdm bar path too
     )
     assert math.isfinite(hist["loss"][0]) and math.isnan(hist["b_acc"][0])
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
@@ -263,8 +263,13 @@ def test_cli_errors(tmp_path):
 
 @pytest.mark.slow
 def test_training_from_scratch_raises_recall(gsv_root, bench):
-    """A small ResNet18 + Conv-AP learns on the sample: R@1 on gsv_sample rises clearly."""
-    size = 48
+    """A small ResNet18 + Conv-AP learns on the sample: R@1 on gsv_sample rises clearly.
+
+    Measured (2-core CPU, 6 epochs of 9 steps, ~0.3-1 min): R@1 0.405 -> 0.786, loss
+    1.44 -> 0.58, b_acc 0.06 -> 0.51; other seeds gave +0.38 too. RandAugment is off: on
+    so short a run it keeps the task too hard to learn much (0.45 -> 0.57 with it).
+    """
+    size = 64
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(size, size), augment=False, seed=0)
     torch.manual_seed(0)
     model = vprlib.VPRModel(
@@ -275,18 +280,20 @@ def test_training_from_scratch_raises_recall(gsv_root, bench):
     hist = fit(
         model,
         ds,
-        epochs=8,
+        epochs=6,
         places_per_batch=16,
         optimizer="adamw",
-        lr=3e-3,
+        lr=1e-3,
         weight_decay=0.0,
         warmup_steps=5,
+        milestones=(),
         num_workers=1,
         progress=False,
     )
     after = vprlib.evaluate(model, bench, image_size=size, progress=False, num_workers=0)
     minutes = (time.perf_counter() - t0) / 60
     print(f"R@1 {before.recalls[1]:.3f} -> {after.recalls[1]:.3f} in {minutes:.1f} min")
-    assert after.recalls[1] >= before.recalls[1] + 0.10
-    assert hist["loss"].iloc[-2:].mean() < hist["loss"].iloc[:2].mean()
-    assert hist["b_acc"].iloc[-1] > hist["b_acc"].iloc[0]
+    print(hist[["loss", "b_acc"]].round(3).to_string())
+    assert after.recalls[1] >= before.recalls[1] + 0.20
+    assert hist["loss"].iloc[-1] < 0.8 * hist["loss"].iloc[0]
+    assert hist["b_acc"].iloc[-1] > hist["b_acc"].iloc[0] + 0.2

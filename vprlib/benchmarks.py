@@ -438,8 +438,10 @@ def load_list_benchmark(
     return bench
 
 
-# What an object-array .npy of arrays, numbers and strings needs to unpickle (numpy 1 and 2).
+# What an object-array .npy of arrays, numbers and strings needs to unpickle (numpy 1 and 2;
+# _codecs.encode rebuilds bytes in the protocol-2 pickles of older numpy).
 _NPY_GLOBALS = {
+    ("_codecs", "encode"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),

@@ -29,6 +29,7 @@ from .transforms import (
     decode_jpeg_batch,
     eval_transform,
     load_image,
+    prefetch_to_device,
     read_image_bytes,
     to_model_input,
 )
@@ -95,13 +96,20 @@ def _collate_raw(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tens
     return [b for b, _ in items], torch.tensor([i for _, i in items], dtype=torch.int64)
 
 
+MAX_DEFAULT_WORKERS = 12
+
+
 def default_num_workers() -> int:
-    """min(8, usable CPU cores - 1); 0 (load in the main process) on a single core."""
+    """DataLoader worker processes for this machine (training and evaluation): the usable
+    CPU cores minus 2, kept for the main process and its pin-memory/prefetch threads, at most
+    12 and at least 1; 0 (load in the main process) on a single core.
+    Why: on 16 cores feeding one H200, 12 decoding workers gave the best throughput and 15
+    starved the main process (2.8x slower); see bench/RESULTS.md."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return 0 if cores <= 1 else min(8, cores - 1)
+    return 0 if cores <= 1 else max(1, min(MAX_DEFAULT_WORKERS, cores - 2))
 
 
 def _resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -153,7 +161,8 @@ def extract_descriptors(
     `device` (default: CUDA when available); its train/eval mode is restored afterwards.
     `out_path` (.npy) streams the descriptors into a memory-mapped file and returns it opened
     read-only, so a database larger than RAM needs bounded memory. `gpu_decode` reads JPEG
-    bytes on the workers and decodes them on the device (nvJPEG on CUDA).
+    bytes on the workers and decodes them on the device (nvJPEG on CUDA). On CUDA the next
+    batch is decoded/copied/normalised on a side stream while the model runs on this one.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -189,23 +198,26 @@ def extract_descriptors(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     model.eval()
+
+    def prepare(batch) -> torch.Tensor:
+        """A loader batch -> normalised float images on the device."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if gpu_decode:
+            names = [paths[i] for i in batch[1].tolist()]
+            size, interp = pre["image_size"], pre["interpolation"]
+            images = decode_jpeg_batch(images, device, size, interp, names=names)
+        channels_last = device.type == "cuda"
+        return to_model_input(images, device, pre["mean"], pre["std"], channels_last)
+
+    depth = 1 if device.type == "cuda" else 0
     out, tmp_path, start = None, None, 0
     try:
-        with torch.inference_mode(), _autocast(device):
-            batches = _progress(loader, len(loader), "descriptors", progress)
-            for batch in batches:
-                images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                if gpu_decode:
-                    images = decode_jpeg_batch(
-                        images,
-                        device,
-                        pre["image_size"],
-                        pre["interpolation"],
-                        names=paths[start : start + len(images)],
-                    )
-                x = to_model_input(
-                    images, device, pre["mean"], pre["std"], channels_last=device.type == "cuda"
-                )
+        with (
+            torch.inference_mode(),
+            _autocast(device),
+            contextlib.closing(prefetch_to_device(loader, prepare, device, depth)) as inputs,
+        ):
+            for x in _progress(inputs, len(loader), "descriptors", progress):
                 desc = model(x)
                 if desc.dim() != 2 or desc.shape[0] != x.shape[0]:
                     raise ValueError(

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -228,12 +229,44 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_torch_save(state, path)
 
 
+FIT_CHECKPOINT_KEYS = (
+    "state_dict",
+    "epoch",
+    "global_step",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "history",
+    "fit_args",
+)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by `fit` (weights_only: tensors and primitives only)."""
+    """Read a checkpoint written by `fit` (weights_only: tensors and primitives only).
+
+    A file holding any other pickled object is refused without running it; a truncated file
+    or one that `fit` did not write (e.g. released weights) raises naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise pickle.UnpicklingError(
+            f"refused to load {path}: it holds pickled objects other than tensors and plain "
+            f"containers (loading them could run code), so fit did not write it ({said})"
+        ) from e
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated?): {e}") from e
+    missing = [k for k in FIT_CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(
+            f"{path} is not a training checkpoint written by fit (missing {missing}); to start "
+            "from its weights, load them into the model (load_pretrained) and fit without resume"
+        )
+    return ckpt
 
 
 def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path) -> None:
@@ -500,7 +533,7 @@ def fit(
                 "optimizer": opt.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "loss": loss_fn.state_dict() if any(True for _ in loss_fn.parameters()) else None,
+                "loss": loss_fn.state_dict() if list(loss_fn.parameters()) else None,
                 "rng": _rng_state(),
                 "history": history,
                 "fit_args": fit_args,
@@ -589,7 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="ImageNet weights for the backbone (downloaded by torchvision)",
     )
     m.add_argument("--layers-to-freeze", type=int, default=2)
-    m.add_argument("--layers-to-crop", nargs="*", type=int, default=[4])
+    m.add_argument(
+        "--layers-to-crop",
+        nargs="*",
+        type=int,
+        default=[4],
+        help="ResNet layers to drop (the paper's training default drops layer4; "
+        "give the flag with no value to keep all)",
+    )
     m.add_argument("--agg", default="convap")
     m.add_argument("--agg-config", type=json.loads, default=None, help="JSON dict")
     t = p.add_argument_group("training")

@@ -1,0 +1,202 @@
+"""Evaluation throughput: descriptor extraction from JPEG files vs the model alone, + search.
+
+    python bench/eval_throughput.py            # 1/10 of Pitts250k-test, CUDA if available
+    python bench/eval_throughput.py --full     # Pitts250k-test size: 83,950 db + 8,280 queries
+    python bench/eval_throughput.py --small    # CPU smoke run (~20 s)
+
+Writes synthetic 640x480 JPEGs of ~106 KB (copies of a pool of distinct noisy images, see
+synthetic.py) as a database and a query folder, then measures in one run:
+
+- model-only: images/s of the forward pass `extract_descriptors` runs (inference mode, bf16
+  autocast and channels_last on CUDA) on a batch already on the device;
+- end to end: images/s of `vprlib.extract_descriptors` over the files (worker start-up
+  included), with CPU decoding (workers) and with gpu_decode (nvJPEG on CUDA);
+- search + recall: `vprlib.search` (exact L2, k=25) + `recall_at_k` of the queries against
+  the database descriptors.
+
+Prints the ratio end-to-end / model-only and the projected time of a whole Pitts250k-test
+evaluation (92,230 images extracted + search at 83,950 x 8,280; the search time is scaled by
+db x queries when the run is smaller). Goal on a GPU: under 60 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic import jpeg_pool, machine_summary, synchronize  # noqa: E402
+
+from vprlib.evaluate import (  # noqa: E402
+    default_num_workers,
+    extract_descriptors,
+    recall_at_k,
+    search,
+)
+from vprlib.models import VPRModel  # noqa: E402
+from vprlib.transforms import to_model_input  # noqa: E402
+
+PITTS250K_DB, PITTS250K_Q = 83_950, 8_280
+K = 25
+
+
+def write_images(folder: Path, count: int, pool: list[bytes]) -> list[str]:
+    """`count` JPEG files in `folder`, copied round-robin from `pool`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:07d}.jpg"
+        path.write_bytes(pool[i % len(pool)])
+        paths.append(str(path))
+    return paths
+
+
+def autocast(device: torch.device):
+    """The autocast extract_descriptors uses: bf16 on CUDA (fp16 without bf16), none on CPU."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def model_only(model, args, device: torch.device) -> float:
+    """Images/s of extract_descriptors' forward pass on one in-memory uint8 batch."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(
+        0, 256, (args.batch_size, 3, *args.image_size), dtype=torch.uint8, generator=g
+    ).to(device)
+    model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(device):
+        for i in range(args.warmup + args.batches):
+            if i == args.warmup:
+                synchronize(device)
+                t0 = time.perf_counter()
+            x = to_model_input(images, device, channels_last=device.type == "cuda")
+            model(x).float().cpu()  # the descriptors come back to the host, as in extraction
+        synchronize(device)
+    return args.batches * args.batch_size / (time.perf_counter() - t0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="tiny CPU smoke run")
+    size.add_argument("--full", action="store_true", help="Pitts250k-test size")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--db", type=int, default=None, help="database images")
+    p.add_argument("--queries", type=int, default=None, help="query images")
+    p.add_argument("--backbone", default=None, help="default resnet50 (resnet18 with --small)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="default: vprlib's default")
+    p.add_argument("--batches", type=int, default=None, help="timed model-only batches")
+    p.add_argument("--warmup", type=int, default=None, help="model-only warm-up batches")
+    p.add_argument("--pool", type=int, default=None, help="distinct JPEGs to copy from")
+    p.add_argument("--modes", default="cpu,gpu", help="extraction paths: cpu, gpu (gpu_decode)")
+    args = p.parse_args(argv)
+    small = args.small
+    cuda = torch.cuda.is_available()
+    args.device = torch.device(args.device or ("cuda" if cuda and not small else "cpu"))
+    scale = 1 if args.full else 10
+    defaults = {
+        "db": 200 if small else PITTS250K_DB // scale,
+        "queries": 20 if small else PITTS250K_Q // scale,
+        "backbone": "resnet18" if small else "resnet50",
+        "image_size": [64, 64] if small else [320, 320],
+        "batch_size": 32 if small else 128,
+        "batches": 3 if small else 30,
+        "warmup": 1 if small else 5,
+        "pool": 8 if small else 256,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.image_size = tuple(args.image_size)
+    args.num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in ("cpu", "gpu")]
+    if bad:
+        p.error(f"unknown --modes {bad}: use cpu and/or gpu")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    print(f"device: {machine_summary(device)}")
+    print(
+        f"settings: {args.backbone} + Conv-AP (full layer4), {args.image_size[0]}x"
+        f"{args.image_size[1]}, batch {args.batch_size}, {args.db} db + {args.queries} queries, "
+        f"workers {args.num_workers}",
+        flush=True,
+    )
+    model = VPRModel(args.backbone, pretrained=False, agg="convap")
+    model.preprocess = {"image_size": args.image_size}
+    reference = model_only(model, args, device)
+    print(f"model-only: {reference:.0f} img/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vprlib_eval_bench_") as tmp:
+        t = time.perf_counter()
+        pool = jpeg_pool(args.pool)
+        db_paths = write_images(Path(tmp) / "database", args.db, pool)
+        q_paths = write_images(Path(tmp) / "queries", args.queries, pool)
+        print(f"data: {args.db + args.queries} JPEGs ({time.perf_counter() - t:.1f} s to write)")
+        paths = db_paths + q_paths
+        descriptors = None
+        for mode in args.modes:
+            synchronize(device)
+            t = time.perf_counter()
+            descriptors = extract_descriptors(
+                model,
+                paths,
+                batch_size=args.batch_size,
+                device=device,
+                num_workers=args.num_workers,
+                progress=False,
+                gpu_decode=mode == "gpu",
+            )
+            seconds = time.perf_counter() - t
+            rows.append({"mode": mode, "img_s": len(paths) / seconds, "seconds": seconds})
+            print(f"{mode} decode: {len(paths) / seconds:.0f} img/s ({seconds:.1f} s)", flush=True)
+    db, q = descriptors[: args.db], descriptors[args.db :]
+    ground_truth = [np.array([i * args.db // args.queries]) for i in range(args.queries)]
+    t = time.perf_counter()
+    predictions = search(db, q, min(K, args.db))
+    recall_at_k(predictions, ground_truth, ks=(1, 5, min(K, args.db)))
+    search_s = time.perf_counter() - t
+    search_full = search_s * (PITTS250K_DB * PITTS250K_Q) / (args.db * args.queries)
+    print()
+    print(f"{'path':<12} {'img/s':>8} {'ratio e2e/model':>16} {'Pitts250k-test s':>17}")
+    print(f"{'model':<12} {reference:>8.0f} {1.0:>16.2f} {'-':>17}")
+    total = PITTS250K_DB + PITTS250K_Q
+    for row in rows:
+        row["ratio"] = row["img_s"] / reference
+        row["pitts250k_s"] = total / row["img_s"] + search_full
+        print(
+            f"{row['mode'] + ' decode':<12} {row['img_s']:>8.0f} {row['ratio']:>16.2f} "
+            f"{row['pitts250k_s']:>17.1f}"
+        )
+    scaled = "" if args.full else f" (scaled from {search_s:.2f} s at {args.db} x {args.queries})"
+    print(f"search + recall at 83,950 x 8,280: {search_full:.1f} s{scaled}")
+    best = min(rows, key=lambda r: r["pitts250k_s"])
+    verdict = "met" if best["pitts250k_s"] < 60 else "MISSED"
+    print(
+        f"best: {best['mode']} decode, Pitts250k-test in {best['pitts250k_s']:.0f} s "
+        f"(goal < 60 s: {verdict})"
+    )
+    return {"model_only": reference, "rows": rows, "search_s": search_s}
+
+
+if __name__ == "__main__":
+    main()
