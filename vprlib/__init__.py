@@ -26,7 +26,6 @@ from .gsv_cities import (
     scan_gsv_images,
 )
 from .models import VPRModel, load_pretrained
-from .train import fit
 
 __version__ = "0.1.0"
 
@@ -52,3 +51,18 @@ __all__ = [
     "scan_gsv_images",
     "search",
 ]
+
+
+def __getattr__(name: str):
+    # `fit` is loaded on first use so that `python -m vprlib.train` does not import its own
+    # module twice (runpy warns when the package import already loaded it).
+    if name == "fit":
+        from .train import fit
+
+        return fit
+    raise AttributeError(f"module 'vprlib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"fit"})
+
