@@ -122,7 +122,7 @@ BAD_CELLS = {  # non-numeric, missing, or outside what the column can hold
 
 
 @pytest.mark.parametrize("column", list(BAD_CELLS))
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(data=st.data())
 def test_csv_reader_names_file_and_column_of_a_bad_cell(column, data):
     """Every bad value of the column, at a random row of a random table."""

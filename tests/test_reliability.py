@@ -14,6 +14,8 @@ Where the other failure cases are tested (so they are not repeated here):
   ::test_bad_names_files_and_options.
 - malicious pickle refused by load_pretrained, payload never runs:
   test_load_pretrained.py::test_pickled_callable_is_refused_and_never_runs.
+- resume from a fit checkpoint of another architecture or with other arguments:
+  test_train.py::test_resume_errors_and_auto.
 - downloads: size + SHA-256 recorded on first use and verified after
   (::test_download_records_sha_and_uses_cache, ::test_tampered_cache_file_detected);
   a partial download never lands in the cache (::test_failed_download_leaves_nothing_in_cache,

@@ -29,9 +29,11 @@ from .transforms import (
     decode_jpeg_batch,
     eval_transform,
     load_image,
+    pack_bytes,
     prefetch_to_device,
     read_image_bytes,
     to_model_input,
+    unpack_bytes,
 )
 
 KS = (1, 5, 10, 15, 20, 25)
@@ -92,8 +94,12 @@ class ImageFiles(Dataset):
         return self.transform(load_image(self.paths[i])), i
 
 
-def _collate_raw(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    return [b for b, _ in items], torch.tensor([i for _, i in items], dtype=torch.int64)
+def _collate_raw(
+    items: list[tuple[torch.Tensor, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(file bytes, index)] -> (packed bytes, offsets, indices): one buffer per batch."""
+    buffer, offsets = pack_bytes([b for b, _ in items])
+    return buffer, offsets, torch.tensor([i for _, i in items], dtype=torch.int64)
 
 
 MAX_DEFAULT_WORKERS = 12
@@ -203,9 +209,10 @@ def extract_descriptors(
         """A loader batch -> normalised float images on the device."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         if gpu_decode:
-            names = [paths[i] for i in batch[1].tolist()]
+            buffer, offsets, index = batch
+            names = [paths[i] for i in index.tolist()]
             size, interp = pre["image_size"], pre["interpolation"]
-            images = decode_jpeg_batch(images, device, size, interp, names=names)
+            images = decode_jpeg_batch(unpack_bytes(buffer, offsets), device, size, interp, names)
         channels_last = device.type == "cuda"
         return to_model_input(images, device, pre["mean"], pre["std"], channels_last)
 

@@ -64,9 +64,11 @@ from .transforms import (
     decode_jpeg_batch,
     draw_plans,
     eval_transform,
+    pack_bytes,
     read_image_bytes,
     to_model_input,
     train_transform,
+    unpack_bytes,
 )
 
 COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
@@ -489,15 +491,6 @@ def _pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
-def _pack_tensors(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D uint8 tensors -> (one buffer, int64 offsets [n+1])."""
-    offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
-    if tensors:
-        torch.cumsum(torch.tensor([t.numel() for t in tensors]), 0, out=offsets[1:])
-        return torch.cat(tensors), offsets
-    return torch.empty(0, dtype=torch.uint8), offsets
-
-
 @dataclass
 class EncodedImages:
     """Images that the device finishes (decode="gpu" or "mixed"), for one place or a batch.
@@ -523,8 +516,7 @@ class EncodedImages:
     @property
     def data(self) -> list[torch.Tensor]:
         """The encoded images, as views into `buffer`."""
-        bounds = self.offsets.tolist()
-        return [self.buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return unpack_bytes(self.buffer, self.offsets)
 
     def __len__(self) -> int:
         return math.prod(self.shape)
@@ -537,7 +529,7 @@ class EncodedImages:
     @staticmethod
     def collate(items: list[EncodedImages], shape: tuple[int, ...]) -> EncodedImages:
         """Items of P places -> one batch of `shape` (P, K), bytes in one buffer."""
-        buffer, _ = _pack_tensors([e.buffer for e in items])
+        buffer, _ = pack_bytes([e.buffer for e in items])
         sizes = torch.tensor([e.buffer.numel() for e in items], dtype=torch.int64)
         bases = torch.cumsum(sizes, 0) - sizes
         offsets = torch.cat(
@@ -748,7 +740,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         """One place for decode="gpu"/"mixed": the first k_cpu images resized here, the rest
         as bytes; the RandAugment ops of all drawn here from their seeds (cheap, and it keeps
         per-image Python work off the training process)."""
-        buffer, offsets = _pack_tensors(loaded[k_cpu:])
+        buffer, offsets = pack_bytes(loaded[k_cpu:])
         decoded = None
         if k_cpu:
             decoded = torch.stack([self.transform(img) for img in loaded[:k_cpu]])

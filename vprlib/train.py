@@ -13,8 +13,8 @@ killed mid-epoch loses at most that epoch. A resumed run ends with the same weig
 uninterrupted one, because every random choice (place order, image choice, augmentation) is a
 function of (seed, epoch) and the optimizer, schedule, scaler and RNG states are restored.
 
-Device, sampler and checkpoint writing sit in small functions so that multi-GPU (DDP via
-torchrun) can be added by replacing them: a distributed sampler, a rank-0-only save.
+Several GPUs: launched by `torchrun --nproc_per_node=N -m vprlib.train ...`, fit trains with
+DistributedDataParallel (process group, place sharding and rank-0 work in distributed.py).
 
 Run from the shell: `python -m vprlib.train --help`.
 """
@@ -22,6 +22,7 @@ Run from the shell: `python -m vprlib.train --help`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
+from .distributed import DistContext, shard_places
+from .evaluate import default_num_workers
 from .fileio import atomic_torch_save, atomic_write_text
 from .losses import batch_accuracy, get_loss, get_miner
-from .transforms import to_model_input
+from .transforms import prefetch_to_device, to_model_input
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -86,12 +90,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def default_num_workers() -> int:
-    """Data-loading processes: one per CPU core left after the main process, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cores or 1) - 1))
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy and python's random."""
     random.seed(seed)
@@ -105,27 +103,49 @@ class PlaceSampler(torch.utils.data.Sampler):
     Yields (epoch, place index) pairs: the epoch travels with each index into the data-loading
     workers (see `_EpochItems`), so persistent workers see the right epoch too.
     `num_samples` keeps only the first places of each epoch's order (for short smoke runs).
+    Under DDP (world_size > 1) each rank yields only its share of every global batch of
+    `places_per_batch` places (see `distributed.shard_places`).
     """
 
-    def __init__(self, num_places: int, seed: int = 0, num_samples: int | None = None):
+    def __init__(
+        self,
+        num_places: int,
+        seed: int = 0,
+        num_samples: int | None = None,
+        *,
+        places_per_batch: int | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         if num_places <= 0:
             raise ValueError(f"the training dataset is empty (num_places={num_places})")
+        if world_size > 1 and places_per_batch is None:
+            raise ValueError("PlaceSampler: world_size > 1 needs places_per_batch (global)")
         self.num_places = num_places
         self.seed = seed
         self.num_samples = num_places if num_samples is None else min(num_samples, num_places)
+        self.places_per_batch, self.world_size, self.rank = places_per_batch, world_size, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
+    def _order(self) -> list[int]:
         g = torch.Generator()
         g.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
-        order = torch.randperm(self.num_places, generator=g)[: self.num_samples]
-        return iter([(self.epoch, int(i)) for i in order])
+        order = torch.randperm(self.num_places, generator=g)[: self.num_samples].tolist()
+        return shard_places(order, self.places_per_batch, self.world_size, self.rank)
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.num_samples
+        mine = shard_places(
+            list(range(self.num_samples)), self.places_per_batch, self.world_size, self.rank
+        )
+        return len(mine)
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self._order()])
 
 
 class _EpochItems(torch.utils.data.Dataset):
@@ -157,13 +177,25 @@ def make_loader(
     num_workers: int,
     device: torch.device,
     max_steps_per_epoch: int | None = None,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> tuple[torch.utils.data.DataLoader, PlaceSampler]:
-    """DataLoader of P-place batches over a `PlaceSampler`; the last batch may be smaller."""
+    """DataLoader of P-place batches over a `PlaceSampler`; the last batch may be smaller.
+
+    Under DDP `places_per_batch` is the global batch: each rank loads P / world_size places.
+    """
     num_samples = None if max_steps_per_epoch is None else max_steps_per_epoch * places_per_batch
-    sampler = PlaceSampler(len(dataset), seed=seed, num_samples=num_samples)
+    sampler = PlaceSampler(
+        len(dataset),
+        seed=seed,
+        num_samples=num_samples,
+        places_per_batch=places_per_batch,
+        world_size=world_size,
+        rank=rank,
+    )
     loader = torch.utils.data.DataLoader(
         _EpochItems(dataset),
-        batch_size=places_per_batch,
+        batch_size=distributed.places_per_rank(places_per_batch, world_size),
         sampler=sampler,
         drop_last=False,
         collate_fn=getattr(dataset, "collate_fn", None),
@@ -172,6 +204,70 @@ def make_loader(
         persistent_workers=num_workers > 0,
     )
     return loader, sampler
+
+
+def device_batches(
+    loader, dataset, device: torch.device, channels_last: bool = False, prefetch: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """fit's input pipeline after the DataLoader: each batch -> (normalised float images
+    [N,3,H,W], labels [N]) on `device`, through the dataset's `batch_to_device` (decoding and
+    augmenting on the device for decode="gpu"/"mixed") or `to_model_input`. With prefetch=n,
+    up to n batches are prepared ahead in a background thread (on CUDA on a side stream), so
+    that work overlaps the training step; 0 keeps the plain loop.
+    """
+    to_images = getattr(dataset, "batch_to_device", None)
+
+    def to_device(batch):
+        images, labels = batch
+        if to_images is not None:
+            x = to_images(images, device, channels_last=channels_last)
+        else:
+            x = to_model_input(images, device, channels_last=channels_last)
+        return x, labels.reshape(-1).to(device, non_blocking=True)
+
+    return prefetch_to_device(loader, to_device, device, prefetch)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_step(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: torch.nn.Module,
+    miner: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: str,
+    *,
+    gather: bool = False,
+    ctx: DistContext | None = None,
+) -> tuple[float, float]:
+    """One optimizer step on a batch already on the device; returns (loss, b_acc).
+
+    Forward under autocast (`precision` "bf16"/"fp16"; "fp32" none), descriptors in fp32,
+    miner, loss, backward through the (fp16) scaler, optimizer step. Under DDP, `gather`
+    all-gathers the global batch before mining and `ctx` averages the gradients of the
+    loss's own parameters over ranks. The learning-rate schedule is the caller's.
+    bench/train_throughput.py times this function as the "model-only" reference.
+    """
+    amp_dtype = AMP_DTYPES.get(precision)
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        descriptors = model(images)
+    descriptors = descriptors.float()  # loss and mining in fp32
+    if gather:  # the whole global batch on every rank, gradients flowing back
+        descriptors, labels = distributed.gather_batch(descriptors, labels)
+    mined = miner(descriptors, labels) if miner is not None else None
+    loss_value = loss_fn(descriptors, labels, mined)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss_value).backward()
+    if ctx is not None:  # the loss is not inside DDP
+        distributed.average_gradients(list(loss_fn.parameters()), ctx)
+    scaler.step(optimizer)
+    scaler.update()
+    b_acc = batch_accuracy(mined, labels.numel()) if mined is not None else math.nan
+    return loss_value.item(), b_acc
 
 
 def lr_factor(
@@ -332,8 +428,9 @@ def fit(
     loss: str | torch.nn.Module = "MultiSimilarityLoss",
     miner: str | torch.nn.Module | None = "MultiSimilarityMiner",
     precision: str = "auto",
-    compile: bool | str = False,
+    compile: bool | str = "auto",
     channels_last: bool | None = None,
+    prefetch: int | None = None,
     val=None,
     val_image_size: int | Sequence[int] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -344,12 +441,14 @@ def fit(
     progress: bool = True,
     max_steps_per_epoch: int | None = None,
     log_every: int = 10,
+    gather_for_mining: bool = False,
 ):
     """Train `model` on `train_dataset` (P places x K images per batch); return the history.
 
     Knobs (defaults follow the paper's recipe, lr from later work):
     - epochs, places_per_batch (P; K comes from the dataset), lr, optimizer ("sgd" | "adamw"),
-      momentum (SGD only), weight_decay.
+      momentum (SGD only), weight_decay. Under torchrun P is the GLOBAL batch, split evenly
+      over the processes (see "Several GPUs" below).
     - warmup_steps: linear warm-up from ~0 to lr. The paper used ~500-650 steps on the full
       data (about one epoch); here the warm-up is clipped to one epoch, so short runs on small
       data reach the full lr after their first epoch (and the schedule does not depend on
@@ -358,8 +457,11 @@ def fit(
     - loss, miner: pytorch-metric-learning class names or instances (miner None: all pairs).
     - precision: "auto" = bf16 autocast on CUDA if supported, else fp16 with a GradScaler;
       fp32 on CPU. Or "fp32" / "bf16" / "fp16". The loss is always computed in fp32.
-    - compile: True wraps the model in torch.compile; "auto" does so on CUDA only (on CPU the
-      compile time rarely pays off). channels_last: None = True on CUDA.
+    - compile: True wraps the model in torch.compile; "auto" (default) does so on CUDA only
+      (on CPU the compile time rarely pays off). channels_last: None = True on CUDA.
+      prefetch: batches prepared ahead on a side CUDA stream while the step runs (None: 1
+      on CUDA, 0 elsewhere; see `device_batches`). On a GPU, a dataset with decode="mixed" or
+      "gpu" moves decoding/augmentation off the CPU (bench/RESULTS.md has measurements).
     - val: a Benchmark, a name/path for `load_benchmark`, or a list of them; after each epoch
       each gets R@1/5/10 columns named `<benchmark>_R@k`. val_image_size: evaluation resize
       (None: the model's `preprocess`, as `evaluate` does).
@@ -368,9 +470,23 @@ def fit(
       "auto" continues if it exists and starts fresh otherwise (handy on Colab).
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
       on (seed, e). Initialising the model before calling fit is the caller's business.
-    - device: None = CUDA if available. num_workers: None = one per spare core (at most 8).
+    - device: None = CUDA if available. num_workers: None = `default_num_workers()` (CPU
+      cores - 2, between 1 and 12).
     - progress: per-epoch tqdm bar with loss, b_acc and images/s, updated every `log_every`
       steps. max_steps_per_epoch: cut epochs short (smoke runs).
+
+    Several GPUs: launched by `torchrun --nproc_per_node=N` (WORLD_SIZE > 1), fit trains with
+    DistributedDataParallel on cuda:LOCAL_RANK (backend nccl; gloo on the CPU). Each global
+    batch of P places is the one a single process would see, split into N shards of P / N
+    places (error if P is not divisible by N); gradients are averaged over the processes.
+    Mining and the loss run on each process's own shard by default: Multi-Similarity mining
+    then sees only P / N places, which is close to but not the same as a single process.
+    gather_for_mining=True all-gathers descriptors and labels (gradients flow) and computes
+    the loss on the whole global batch: the same result as one process with batch P, up to
+    float rounding (and BatchNorm layers being trained, which use per-process statistics).
+    Rank 0 alone validates and writes checkpoints; every rank returns the same history.
+    Random streams other than the data's are seeded with seed + rank. checkpoint_dir must be
+    visible to every rank (resume: each rank reads last.ckpt).
 
     Returns a DataFrame with one row per epoch: epoch (0-based), steps (optimizer steps so
     far), loss and b_acc (epoch means), lr (of the epoch's last step), seconds and
@@ -387,9 +503,14 @@ def fit(
         raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir (where last.ckpt is)")
-    device = setup_device(device)
+    # torchrun (WORLD_SIZE > 1): join the process group, one device per rank (distributed.py).
+    world_size, rank, local_rank = distributed.torchrun_ranks()
+    distributed.places_per_rank(places_per_batch, world_size)  # raises before joining
+    ctx, device = distributed.init_distributed(setup_device(device), world_size, rank, local_rank)
+    progress = progress and ctx.is_main
     precision = resolve_precision(precision, device)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
+    prefetch = (1 if device.type == "cuda" else 0) if prefetch is None else prefetch
     num_workers = default_num_workers() if num_workers is None else num_workers
     benchmarks = _as_benchmarks(val)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -409,8 +530,10 @@ def fit(
         "seed": seed,
         "max_steps_per_epoch": max_steps_per_epoch,
         "num_places": len(train_dataset),
+        "world_size": ctx.world_size,
+        "gather_for_mining": gather_for_mining,
     }
-    seed_everything(seed)
+    seed_everything(seed + ctx.rank)
 
     # Model, loss, miner, optimizer, schedule, scaler.
     model.to(device)
@@ -421,7 +544,14 @@ def fit(
     params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
     opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
     loader, sampler = make_loader(
-        train_dataset, places_per_batch, seed, num_workers, device, max_steps_per_epoch
+        train_dataset,
+        places_per_batch,
+        seed,
+        num_workers,
+        device,
+        max_steps_per_epoch,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
     )
     steps_per_epoch = len(loader)
     schedule = partial(
@@ -433,7 +563,6 @@ def fit(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model_config = getattr(model, "config", None)
 
     # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
@@ -456,15 +585,20 @@ def fit(
             scaler.load_state_dict(ckpt["scaler"])
         if ckpt.get("loss"):
             loss_fn.load_state_dict(ckpt["loss"])
-        _set_rng_state(ckpt["rng"])
+        rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if ctx.rank < len(rngs):
+            _set_rng_state(rngs[ctx.rank])
+        else:  # more processes than the checkpointed run: a fresh stream for this rank
+            seed_everything(seed + ctx.rank)
         start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
         history = list(ckpt["history"])
     key_metric = f"{benchmarks[0].name}_R@1" if benchmarks else None
     best = max((row[key_metric] for row in history), default=-1.0) if key_metric else None
 
     use_compile = compile is True or (compile == "auto" and device.type == "cuda")
-    forward = torch.compile(model) if use_compile else model
-    batch_to_device = getattr(train_dataset, "batch_to_device", None)
+    train_model = distributed.wrap_model(model, ctx, device)  # DDP under torchrun
+    forward = torch.compile(train_model) if use_compile else train_model
+    gather = gather_for_mining and ctx.enabled
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -474,49 +608,54 @@ def fit(
         bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
         t0 = time.perf_counter()
-        for batch_images, labels in loader:
-            if batch_to_device is not None:
-                x = batch_to_device(batch_images, device, channels_last=channels_last)
-            else:
-                x = to_model_input(batch_images, device, channels_last=channels_last)
-            labels = labels.reshape(-1).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                descriptors = forward(x)
-            descriptors = descriptors.float()  # loss and mining in fp32
-            mined = miner_fn(descriptors, labels) if miner_fn is not None else None
-            loss_value = loss_fn(descriptors, labels, mined)
+        batches = device_batches(loader, train_dataset, device, channels_last, prefetch)
+        with contextlib.closing(batches):
+            for x, labels in batches:
+                images += labels.numel()  # this rank's images
+                step_lr = opt.param_groups[0]["lr"]
+                loss_value, b_acc = train_step(
+                    forward,
+                    x,
+                    labels,
+                    loss_fn,
+                    miner_fn,
+                    opt,
+                    scaler,
+                    precision,
+                    gather=gather,
+                    ctx=ctx,
+                )
+                scheduler.step()
 
-            step_lr = opt.param_groups[0]["lr"]
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss_value).backward()
-            scaler.step(opt)
-            scaler.update()
-            scheduler.step()
-
-            steps += 1
-            global_step += 1
-            images += labels.numel()
-            loss_sum += loss_value.item()
-            b_acc = batch_accuracy(mined, labels.numel()) if mined is not None else math.nan
-            bacc_sum += b_acc
-            if bar is not None:
-                bar.update(1)
-                if steps % log_every == 0 or steps == steps_per_epoch:
-                    rate = images / (time.perf_counter() - t0)
-                    bar.set_postfix(
-                        loss=f"{loss_value.item():.4f}", b_acc=f"{b_acc:.3f}", img_s=f"{rate:.0f}"
-                    )
+                steps += 1
+                global_step += 1
+                loss_sum += loss_value
+                bacc_sum += b_acc
+                if bar is not None:
+                    bar.update(1)
+                    if steps % log_every == 0 or steps == steps_per_epoch:
+                        rate = images / (time.perf_counter() - t0)
+                        bar.set_postfix(
+                            loss=f"{loss_value:.4f}", b_acc=f"{b_acc:.3f}", img_s=f"{rate:.0f}"
+                        )
         seconds = time.perf_counter() - t0
+        # Under DDP: means over all ranks' steps, images of all ranks; rank 0 validates and
+        # its row goes to every rank (the others wait in `from_main` meanwhile).
+        loss_sum, bacc_sum, images = distributed.sum_over_ranks(
+            [loss_sum, bacc_sum, images], ctx, device
+        )
         row = {
             "epoch": epoch,
             "steps": global_step,
-            "loss": loss_sum / max(steps, 1),
-            "b_acc": bacc_sum / max(steps, 1),
+            "loss": loss_sum / (max(steps, 1) * ctx.world_size),
+            "b_acc": bacc_sum / (max(steps, 1) * ctx.world_size),
             "lr": step_lr,
             "seconds": seconds,
             "images_per_s": images / seconds if seconds > 0 else math.nan,
         }
-        row.update(validate(model, benchmarks, device, num_workers, val_image_size))
+        if ctx.is_main:
+            row.update(validate(model, benchmarks, device, num_workers, val_image_size))
+        row = distributed.from_main(row, ctx)
         model.train()
         if bar is not None:
             shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "b_acc") or "R@1" in k}
@@ -524,7 +663,9 @@ def fit(
             bar.close()
         history.append({k: _plain(v) for k, v in row.items()})
 
-        if ckpt_dir is not None:
+        if ckpt_dir is not None:  # every rank's RNG state; rank 0 writes, the others wait
+            rngs = distributed.gather_objects(_rng_state(), ctx)
+        if ckpt_dir is not None and ctx.is_main:
             state = {
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "model_config": model_config,
@@ -534,7 +675,8 @@ def fit(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "loss": loss_fn.state_dict() if list(loss_fn.parameters()) else None,
-                "rng": _rng_state(),
+                "rng": rngs[0],
+                "rng_per_rank": rngs,
                 "history": history,
                 "fit_args": fit_args,
             }
@@ -542,6 +684,8 @@ def fit(
             if key_metric is not None and row[key_metric] > best:
                 best = row[key_metric]
                 save_checkpoint(ckpt_dir / "best.ckpt", state)
+        distributed.barrier(ctx)
+    distributed.cleanup(ctx)
     return pd.DataFrame(history)
 
 
@@ -645,11 +789,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", default="MultiSimilarityLoss")
     t.add_argument("--miner", default="MultiSimilarityMiner")
     t.add_argument("--precision", choices=PRECISIONS, default="auto")
-    t.add_argument("--compile", action="store_true")
+    t.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the model (auto: on CUDA only)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--num-workers", type=int, default=None)
     t.add_argument("--max-steps-per-epoch", type=int, default=None)
+    t.add_argument(
+        "--gather-for-mining",
+        action="store_true",
+        help="under torchrun: mine and compute the loss on the whole global batch "
+        "(all ranks' descriptors), as a single process would",
+    )
     t.add_argument("--no-progress", action="store_true")
     o = p.add_argument_group("validation and checkpoints")
     o.add_argument("--val", nargs="*", default=[], help="benchmark names or folders")
@@ -695,6 +850,7 @@ def main(argv: Sequence[str] | None = None):
         seed=args.seed,
         decode=args.decode,
     )
+    seed_everything(args.seed)  # the same initial weights for the same --seed
     model = VPRModel(
         backbone=args.backbone,
         pretrained=args.pretrained,
@@ -719,7 +875,7 @@ def main(argv: Sequence[str] | None = None):
         loss=args.loss,
         miner=args.miner,
         precision=args.precision,
-        compile=args.compile,
+        compile={"on": True, "off": False}.get(args.compile, "auto"),
         val=val or None,
         val_image_size=tuple(args.val_image_size or args.image_size),
         checkpoint_dir=args.checkpoint_dir,
@@ -729,10 +885,13 @@ def main(argv: Sequence[str] | None = None):
         num_workers=args.num_workers,
         progress=not args.no_progress,
         max_steps_per_epoch=args.max_steps_per_epoch,
+        gather_for_mining=args.gather_for_mining,
     )
-    print(history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if args.checkpoint_dir is not None:
-        atomic_write_text(Path(args.checkpoint_dir) / "history.csv", history.to_csv(index=False))
+    if distributed.is_main_process():  # under torchrun only rank 0 prints and writes
+        print(history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if args.checkpoint_dir is not None:
+            path = Path(args.checkpoint_dir) / "history.csv"
+            atomic_write_text(path, history.to_csv(index=False))
     return history
 
 

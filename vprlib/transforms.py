@@ -348,6 +348,25 @@ def load_image(path) -> torch.Tensor:
 # RandAugment run on the training device (on "cpu" it runs the same code on the CPU).
 
 
+def pack_bytes(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D uint8 tensors (e.g. JPEG files) -> (one buffer, int64 offsets [n+1]).
+
+    Why: a DataLoader worker sends every tensor of a batch through its own shared-memory
+    segment and file descriptor; hundreds of small ones per batch are slow and can exhaust
+    descriptors. One buffer per batch is one segment (and one pinned copy)."""
+    offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
+    if not tensors:
+        return torch.empty(0, dtype=torch.uint8), offsets
+    torch.cumsum(torch.tensor([t.numel() for t in tensors]), 0, out=offsets[1:])
+    return torch.cat(tensors), offsets
+
+
+def unpack_bytes(buffer: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of `pack_bytes`: views into `buffer`."""
+    bounds = offsets.tolist()
+    return [buffer[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def decode_jpeg_batch(
     data: list[torch.Tensor],
     device: torch.device | str,
