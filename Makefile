@@ -7,7 +7,7 @@ LAB_ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 TEST_PATHS ?= tests notebooks
 PYTEST_ARGS ?=
-NOTEBOOKS ?= notebooks
+NOTEBOOK_ARGS ?=
 SAMPLE_OUT ?= data/sample
 
 .PHONY: lab test lint notebooks sample-data bench
@@ -31,7 +31,7 @@ test: lint
 
 ## make notebooks: run all notebooks in order, headless, refreshing figures/
 notebooks: $(VENV)/.installed
-	$(PY) -m vprlib.run_notebooks $(NOTEBOOKS)
+	$(PY) -m vprlib.run_notebooks notebooks $(NOTEBOOK_ARGS)
 
 ## make sample-data: regenerate data/sample deterministically
 sample-data: $(VENV)/.installed

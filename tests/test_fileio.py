@@ -35,3 +35,30 @@ def test_bad_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic_open(tmp_path / "x", "a"):
             pass
+
+
+def test_written_files_get_umask_permissions_not_0600(tmp_path):
+    import os
+
+    p = tmp_path / "fig.png"
+    atomic_write_text(p, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_path_renames_on_success_and_cleans_up_on_failure(tmp_path):
+    from vprlib.fileio import atomic_path
+
+    target = tmp_path / "d.npy"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_bytes(b"data")
+        assert not target.exists()
+    assert target.read_bytes() == b"data"
+    with pytest.raises(OSError, match="disk"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError("disk full")
+    assert target.read_bytes() == b"data"
+    assert [p.name for p in tmp_path.iterdir()] == ["d.npy"]

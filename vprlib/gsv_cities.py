@@ -229,7 +229,13 @@ def _bad_row(path, df: pd.DataFrame, column: str, mask, expected: str | None = N
 def _read_city_csv(path: Path) -> pd.DataFrame:
     """One city CSV with checked columns and dtypes."""
     try:
-        df = pd.read_csv(path, dtype={"city_id": str, "panoid": str})
+        # Text columns keep "NA"/"null" as text; only empty numeric cells count as missing.
+        df = pd.read_csv(
+            path,
+            dtype={"city_id": str, "panoid": str},
+            keep_default_na=False,
+            na_values={c: [""] for c in COLUMNS if c not in ("city_id", "panoid")},
+        )
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"city CSV {path} is empty (needs columns {list(COLUMNS)})") from e
     for col in COLUMNS:

@@ -1,0 +1,239 @@
+"""The input-pipeline speed-ups (issue 8), checked on the CPU against the plain paths.
+
+Grouped per-image RandAugment (`apply_plans`) equals one FastRandAugment call per image;
+decode="mixed"/"gpu" give exactly the tensors of decode="cpu"; JPEG bytes travel packed;
+`prefetch_to_device` keeps order and errors; fit with prefetch trains exactly as without;
+`train_step` is fit's step; the worker-count rule.
+"""
+
+import os
+import threading
+
+import pytest
+import torch
+from torchvision.io import read_file
+from torchvision.transforms import v2
+
+import vprlib
+from vprlib import gsv_cities as G
+from vprlib import train as TR
+from vprlib import transforms as T
+from vprlib.evaluate import default_num_workers, extract_descriptors
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
+
+SIZE = (40, 48)
+
+
+def images(n=24, seed=0):
+    """Noise with a few low-contrast images (so AutoContrast/Equalize have work to do)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 3, *SIZE, generator=g) * 255).to(torch.uint8)
+    x[::3] = x[::3] // 3 + 90
+    return x
+
+
+def test_apply_plans_equals_one_call_per_image():
+    batch = images(48)
+    seeds = list(range(1000, 1048))
+    aug = T.FastRandAugment(num_ops=3)
+    want = []
+    for image, seed in zip(batch, seeds, strict=True):
+        torch.manual_seed(seed)
+        want.append(aug(image))
+    plans = T.draw_plans(seeds, *SIZE)
+    assert plans.shape == (48, 3, 2)
+    assert len(set(plans[:, :, 0].flatten().tolist())) >= 10  # most ops were drawn
+    assert torch.equal(T.apply_plans(batch, plans), torch.stack(want))
+    assert T.apply_plans(batch[:0], plans[:0]).shape == (0, 3, *SIZE)
+    with pytest.raises(ValueError, match="plans"):
+        T.apply_plans(batch, plans[:5])
+
+
+def test_draw_plans_draws_like_randaugment_and_keeps_the_rng():
+    aug = T.FastRandAugment(num_ops=3)
+    state = torch.random.get_rng_state()
+    plans = T.draw_plans([7, 8], *SIZE)
+    assert torch.equal(state, torch.random.get_rng_state())
+    torch.manual_seed(8)
+    assert plans[1].tolist() == [list(map(int, p)) for p in aug.draw(*SIZE)]
+
+
+def test_batched_equalize_matches_torchvision_per_image():
+    batch = images(6, seed=3)
+    batch[1] = 77  # a flat image: identity table
+    want = torch.stack([v2.functional.equalize(im) for im in batch])
+    assert torch.equal(T._equalize(batch), want)
+
+
+def test_pack_bytes_round_trip():
+    parts = [torch.arange(n, dtype=torch.uint8) for n in (3, 0, 5)]
+    buffer, offsets = T.pack_bytes(parts)
+    assert buffer.numel() == 8 and offsets.tolist() == [0, 3, 3, 8]
+    assert all(
+        torch.equal(a, b) for a, b in zip(T.unpack_bytes(buffer, offsets), parts, strict=True)
+    )
+    empty, off = T.pack_bytes([])
+    assert empty.numel() == 0 and T.unpack_bytes(empty, off) == []
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_mixed_and_gpu_decode_equal_the_cpu_path(gsv_root, augment):
+    kw = dict(image_size=SIZE, augment=augment, seed=3)
+    cpu = G.GSVCitiesDataset(gsv_root, **kw)
+    batch, labels = cpu.collate_fn([cpu[i] for i in range(5)])
+    want = cpu.batch_to_device(batch, "cpu")
+    for decode, gpu_images in [("gpu", None), ("mixed", 0), ("mixed", 1), ("mixed", None)]:
+        ds = G.GSVCitiesDataset(gsv_root, decode=decode, gpu_images=gpu_images, **kw)
+        enc, labels_dev = ds.collate_fn([ds[i] for i in range(5)])
+        k_gpu = ds.gpu_images
+        assert isinstance(enc, G.EncodedImages) and enc.shape == (5, 4) and len(enc) == 20
+        assert enc.buffer.dim() == 1 and len(enc.paths) == 5 * k_gpu  # one packed buffer
+        for data, path in zip(enc.data, enc.paths, strict=True):
+            assert torch.equal(data, read_file(path))
+        assert (enc.decoded is None) == (k_gpu == 4)
+        assert (enc.plans is None) != augment
+        assert torch.equal(labels_dev, labels)
+        assert torch.equal(ds.batch_to_device(enc, "cpu"), want), (decode, gpu_images)
+    assert "gpu_images=2" in repr(G.GSVCitiesDataset(gsv_root, decode="mixed", **kw))
+
+
+def test_mixed_batches_through_a_worker_process(gsv_root):
+    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="mixed", gpu_images=1)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=3, num_workers=1, collate_fn=ds.collate_fn, pin_memory=False
+    )
+    enc, labels = next(iter(loader))
+    direct, _ = ds.collate_fn([ds[i] for i in range(3)])
+    assert torch.equal(ds.batch_to_device(enc, "cpu"), ds.batch_to_device(direct, "cpu"))
+    assert labels.shape == (3, 4)
+
+
+def test_decode_options_are_checked(gsv_root):
+    with pytest.raises(ValueError, match="gpu_images applies to decode='mixed'"):
+        G.GSVCitiesDataset(gsv_root, gpu_images=1)
+    with pytest.raises(ValueError, match=r"gpu_images must be an int in 0..4"):
+        G.GSVCitiesDataset(gsv_root, decode="mixed", gpu_images=5)
+    with pytest.raises(ValueError, match="pass augment=, not transform="):
+        G.GSVCitiesDataset(gsv_root, decode="mixed", transform=lambda x: x)
+    with pytest.raises(ValueError, match="'cpu', 'gpu' or 'mixed'"):
+        G.GSVCitiesDataset(gsv_root, decode="nvjpeg")
+
+
+class Batches:
+    """Yields 0..n-1 (as tensors); raises at `fail_at`. Counts what was taken."""
+
+    def __init__(self, n, fail_at=None):
+        self.n, self.fail_at, self.taken = n, fail_at, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            if i == self.fail_at:
+                raise OSError(f"cannot read batch {i}")
+            self.taken += 1
+            yield torch.tensor([i])
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetch_keeps_order_and_raises_errors(depth):
+    out = list(T.prefetch_to_device(Batches(6), lambda b: b * 10, "cpu", depth))
+    assert [int(x) for x in out] == [0, 10, 20, 30, 40, 50]
+    with pytest.raises(OSError, match="batch 2"):
+        list(T.prefetch_to_device(Batches(6, fail_at=2), lambda b: b, "cpu", depth))
+
+    def bad(b):
+        if int(b) == 1:
+            raise ValueError("cannot decode image x.jpg")
+        return b
+
+    got = []
+    with pytest.raises(ValueError, match="x.jpg"):
+        for x in T.prefetch_to_device(Batches(6), bad, "cpu", depth):
+            got.append(int(x))
+    assert got == [0]
+
+
+def test_prefetch_stops_its_thread_on_break():
+    before = threading.active_count()
+    source = Batches(100)
+    gen = T.prefetch_to_device(source, lambda b: b, "cpu", depth=2)
+    for x in gen:
+        if int(x) == 3:
+            break
+    gen.close()
+    assert threading.active_count() == before
+    assert source.taken <= 4 + 2 + 1  # consumed, queued, one in hand
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return vprlib.VPRModel(
+        "resnet18",
+        layers_to_freeze=-1,
+        layers_to_crop=(3, 4),
+        agg="convap",
+        agg_config={"out_channels": 16},
+    )
+
+
+def test_fit_with_prefetch_and_mixed_decode_trains_identically(gsv_root):
+    kw = dict(
+        epochs=1, places_per_batch=4, num_workers=0, progress=False, max_steps_per_epoch=2, seed=1
+    )
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32), seed=0)
+    plain, fast = tiny_model(), tiny_model()
+    h0 = TR.fit(plain, ds, prefetch=0, **kw)
+    mixed = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32), seed=0, decode="mixed")
+    h1 = TR.fit(fast, mixed, prefetch=2, **kw)
+    assert h0["loss"].tolist() == h1["loss"].tolist() and h0["steps"].tolist() == [2]
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), fast.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_train_step_is_one_optimizer_step(gsv_root):
+    model = tiny_model()
+    loss_fn, miner = vprlib.losses.get_loss(), vprlib.losses.get_miner()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = TR.make_optimizer(params, "sgd", 0.1, 0.9, 0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32))
+    loader, _ = TR.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
+    x, labels = next(iter(TR.device_batches(loader, ds, torch.device("cpu"))))
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        desc = model(x)
+        mined = miner(desc, labels)
+        want_loss = loss_fn(desc, labels, mined).item()
+    loss, b_acc = TR.train_step(model, x, labels, loss_fn, miner, opt, scaler, "fp32")
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert b_acc == pytest.approx(vprlib.losses.batch_accuracy(mined, 16))
+    assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers"), [(1, 0), (2, 1), (3, 1), (4, 2), (8, 6), (16, 12), (64, 12)]
+)
+def test_default_num_workers_rule(monkeypatch, cores, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers() == workers
+    assert TR.default_num_workers is default_num_workers  # one rule for train and eval
+
+
+def test_gpu_decode_extraction_through_workers(bench_root):
+    bench = vprlib.load_benchmark(bench_root / "gsv_sample")
+    model = tiny_model()
+    paths = bench.db_paths[:10]
+    kw = dict(batch_size=4, progress=False, image_size=32)
+    ref = extract_descriptors(model, paths, num_workers=0, **kw)
+    dec = extract_descriptors(model, paths, num_workers=1, gpu_decode=True, **kw)
+    assert torch.allclose(torch.from_numpy(ref), torch.from_numpy(dec), atol=1e-5)
+
+
+def test_cli_compile_choice():
+    args = TR.build_parser().parse_args(["--compile", "off"])
+    assert args.compile == "off"
+    assert TR.build_parser().parse_args([]).compile == "auto"
