@@ -24,6 +24,7 @@ uses the faster of the two (so drift cannot flatter the pipeline).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -165,21 +166,13 @@ def parse_mode(mode: str) -> dict:
     raise ValueError(f"unknown mode {mode!r}: use cpu, gpu or mixed:N (N images per place)")
 
 
-def run_pipeline(args, device, dataset, trainer: Trainer | None, seed: int) -> float:
-    """Images/s over args.steps batches after args.warmup_steps, through the loader and
-    `device_batches` as fit runs them, with train_step when `trainer` is given."""
-    loader, sampler = make_loader(
-        dataset,
-        args.places_per_batch,
-        seed,
-        args.num_workers,
-        device,
-        max_steps_per_epoch=args.warmup_steps + args.steps,
-    )
-    sampler.set_epoch(seed)
+def run_pipeline(args, device, dataset, loader, sampler, epoch: int, trainer=None) -> float:
+    """Images/s over args.steps batches after args.warmup_steps of one epoch of `loader`,
+    through `device_batches` as fit runs it, with train_step when `trainer` is given."""
+    sampler.set_epoch(epoch)
     batches = device_batches(loader, dataset, device, args.channels_last, args.prefetch)
     images, t0 = 0, None
-    try:
+    with contextlib.closing(batches):
         for i, (x, labels) in enumerate(batches):
             if i == args.warmup_steps:
                 synchronize(device)
@@ -189,12 +182,30 @@ def run_pipeline(args, device, dataset, trainer: Trainer | None, seed: int) -> f
             if i >= args.warmup_steps:
                 images += labels.numel()
         synchronize(device)
-        seconds = time.perf_counter() - t0
+    return images / (time.perf_counter() - t0)
+
+
+def measure_mode(args, device, root: Path, mode: str, index: int, trainer: Trainer) -> dict:
+    """Pipeline-only and end-to-end images/s of one input path. One DataLoader (persistent
+    workers, as in fit) serves both, one epoch each; its workers end before the next mode."""
+    dataset = GSVCitiesDataset(
+        root, img_per_place=args.img_per_place, image_size=args.image_size, **parse_mode(mode)
+    )
+    loader, sampler = make_loader(
+        dataset,
+        args.places_per_batch,
+        index,
+        args.num_workers,
+        device,
+        max_steps_per_epoch=args.warmup_steps + args.steps,
+    )
+    try:
+        pipeline = run_pipeline(args, device, dataset, loader, sampler, epoch=0)
+        e2e = run_pipeline(args, device, dataset, loader, sampler, epoch=1, trainer=trainer)
     finally:
-        batches.close()
-        del batches, loader
-        gc.collect()
-    return images / seconds
+        del loader, sampler
+        gc.collect()  # shuts the persistent workers down
+    return {"mode": mode, "pipeline": pipeline, "e2e": e2e}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -280,13 +291,12 @@ def main(argv=None) -> dict:
         print(f"model-only: {first:.0f} img/s ({time.perf_counter() - t:.1f} s incl. warm-up)")
         rows = []
         for i, mode in enumerate(args.modes):
-            dataset = GSVCitiesDataset(
-                root, img_per_place=k, image_size=args.image_size, seed=i, **parse_mode(mode)
+            row = measure_mode(args, device, root, mode, i, trainer)
+            rows.append(row)
+            print(
+                f"{mode}: pipeline {row['pipeline']:.0f} img/s, end-to-end {row['e2e']:.0f} img/s",
+                flush=True,
             )
-            pipeline = run_pipeline(args, device, dataset, None, seed=2 * i)
-            e2e = run_pipeline(args, device, dataset, trainer, seed=2 * i + 1)
-            rows.append({"mode": mode, "pipeline": pipeline, "e2e": e2e})
-            print(f"{mode}: pipeline {pipeline:.0f} img/s, end-to-end {e2e:.0f} img/s", flush=True)
         last = model_only(trainer, args, device)
         print(f"model-only again: {last:.0f} img/s")
     finally:

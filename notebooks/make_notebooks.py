@@ -289,15 +289,18 @@ if FULL_RUN:
     IMAGE_SIZE = (320, 320)
     PLACES_PER_BATCH, IMG_PER_PLACE = 100, 4
     EPOCHS, MAX_STEPS_PER_EPOCH = 30, None
-    LR, WARMUP_STEPS = 0.05, 500
+    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS = "sgd", 0.05, 1e-3, 500
+    AUGMENT = True  # RandAugment(num_ops=3), as the paper
     VAL = "pitts30k_val"  # any benchmark under BENCH_ROOT
 else:
     BACKBONE, PRETRAINED, LAYERS_TO_CROP = "resnet18", False, [4]  # small and offline
     AGG_CONFIG = {"out_channels": 128, "s1": 2, "s2": 2}  # 512-d descriptors
     IMAGE_SIZE = (64, 64)
     PLACES_PER_BATCH, IMG_PER_PLACE = 16, 4
-    EPOCHS, MAX_STEPS_PER_EPOCH = 2, 6
-    LR, WARMUP_STEPS = 0.05, 4
+    EPOCHS, MAX_STEPS_PER_EPOCH = 5, None
+    # From scratch and for a few minutes, AdamW without augmentation learns fastest here.
+    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS = "adamw", 1e-3, 0.0, 4
+    AUGMENT = False
     VAL = "gsv_sample"
 
 CHECKPOINT_DIR = Path("../checkpoints/02_convap")  # notebooks 03 and 04 read last.ckpt here
@@ -339,7 +342,7 @@ RESUME = False
             """
             train_ds = vprlib.GSVCitiesDataset(
                 GSV_ROOT, img_per_place=IMG_PER_PLACE, min_img_per_place=IMG_PER_PLACE,
-                image_size=IMAGE_SIZE,
+                image_size=IMAGE_SIZE, augment=AUGMENT,
             )
             print(f"{len(train_ds):,} places, {train_ds.num_images:,} images")
             images, labels = train_ds.collate_fn([train_ds[i] for i in range(PLACES_PER_BATCH)])
@@ -392,8 +395,9 @@ RESUME = False
         code(
             """
             history = vprlib.fit(
-                model, train_ds, epochs=EPOCHS, places_per_batch=PLACES_PER_BATCH, lr=LR,
-                warmup_steps=WARMUP_STEPS, max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
+                model, train_ds, epochs=EPOCHS, places_per_batch=PLACES_PER_BATCH,
+                optimizer=OPTIMIZER, lr=LR, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS,
+                max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
                 val=val, checkpoint_dir=CHECKPOINT_DIR, resume=RESUME, seed=0,
             )
             history
@@ -769,12 +773,13 @@ AGGREGATORS = {  # name -> agg_config (backbone channels come from the backbone)
 if FULL_RUN:
     BACKBONE, PRETRAINED, LAYERS_TO_CROP, IMAGE_SIZE = "resnet50", True, [4], (320, 320)
     PLACES_PER_BATCH, IMG_PER_PLACE, EPOCHS, MAX_STEPS_PER_EPOCH = 100, 4, 10, None
+    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS, AUGMENT = "sgd", 0.05, 1e-3, 500, True
     VAL = "pitts30k_val"
 else:
     BACKBONE, PRETRAINED, LAYERS_TO_CROP, IMAGE_SIZE = "resnet18", False, [4], (64, 64)
-    PLACES_PER_BATCH, IMG_PER_PLACE, EPOCHS, MAX_STEPS_PER_EPOCH = 16, 4, 1, 6
+    PLACES_PER_BATCH, IMG_PER_PLACE, EPOCHS, MAX_STEPS_PER_EPOCH = 16, 4, 3, None
+    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS, AUGMENT = "adamw", 1e-3, 0.0, 4, False
     VAL = "gsv_sample"
-LR, WARMUP_STEPS = 0.05, 4
 """
         ),
         code(
@@ -791,7 +796,7 @@ LR, WARMUP_STEPS = 0.05, 4
             FIGURES.mkdir(parents=True, exist_ok=True)
             train_ds = vprlib.GSVCitiesDataset(
                 GSV_ROOT, img_per_place=IMG_PER_PLACE, min_img_per_place=IMG_PER_PLACE,
-                image_size=IMAGE_SIZE,
+                image_size=IMAGE_SIZE, augment=AUGMENT,
             )
             val = vprlib.load_benchmark(VAL, root=BENCH_ROOT)
             print(f"train: {len(train_ds)} places; val: {val!r}")
@@ -820,7 +825,8 @@ LR, WARMUP_STEPS = 0.05, 4
                 model.preprocess = {"image_size": IMAGE_SIZE}
                 start = time.perf_counter()
                 histories[agg] = vprlib.fit(
-                    model, train_ds, epochs=EPOCHS, places_per_batch=PLACES_PER_BATCH, lr=LR,
+                    model, train_ds, epochs=EPOCHS, places_per_batch=PLACES_PER_BATCH,
+                    optimizer=OPTIMIZER, lr=LR, weight_decay=WEIGHT_DECAY,
                     warmup_steps=WARMUP_STEPS, max_steps_per_epoch=MAX_STEPS_PER_EPOCH,
                     seed=0, progress=False,
                 )

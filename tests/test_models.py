@@ -346,3 +346,14 @@ def test_pretrained_true_offline_gives_clear_error(hub_dir, monkeypatch):
     assert str(hub_dir / "checkpoints") in message
     assert "pretrained='/path/to/resnet18-f37072fd.pth'" in message
     assert not list((hub_dir / "checkpoints").glob("*.pth"))
+
+
+def test_untrained_netvlad_separates_different_inputs():
+    # With far-away centroids and uniform soft-assignment every descriptor is nearly the same
+    # (the -c_k term dominates); the nearest-centroid initialisation avoids that.
+    torch.manual_seed(0)
+    agg = NetVLAD(in_channels=64, clusters=8)
+    x = torch.randn(2, 64, 4, 4)
+    d = agg(x)
+    assert torch.allclose(agg.centroids.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert float(d[0] @ d[1]) < 0.9

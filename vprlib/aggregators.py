@@ -170,7 +170,15 @@ class NetVLAD(nn.Module):
             dim = in_channels
         self.normalize_input = normalize_input
         self.assign = nn.Conv2d(dim, clusters, kernel_size=1, bias=True)
-        self.centroids = nn.Parameter(torch.rand(clusters, dim))
+        # Centroids start as random unit vectors (local features are unit-length too) and the
+        # soft-assignment starts as "nearest centroid" (weight alpha*c_k, alpha=10), as in the
+        # NetVLAD paper. Uniform assignments with far-away centroids would make every image's
+        # descriptor nearly the same (the -c_k residual term dominates) and learn very slowly.
+        centroids = F.normalize(torch.randn(clusters, dim), dim=1)
+        self.centroids = nn.Parameter(centroids)
+        with torch.no_grad():
+            self.assign.weight.copy_(10.0 * centroids[:, :, None, None])
+            self.assign.bias.zero_()
         self.out_dim = clusters * dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -241,8 +241,8 @@ def _autocontrast_lut(image: torch.Tensor) -> torch.Tensor:
     maximum = image.amax(dim=(-2, -1)).float().unsqueeze(-1)
     eq = maximum == minimum
     inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
-    minimum[eq] = 0.0
-    inv_scale[eq] = 1.0
+    minimum = torch.where(eq, 0.0, minimum)  # torch.where, not masking: no host sync on a GPU
+    inv_scale = torch.where(eq, 1.0, inv_scale)
     values = torch.arange(256, device=image.device, dtype=torch.float32)
     return (values - minimum).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
 
@@ -438,17 +438,21 @@ def apply_plans(
     if len(images) == 0:
         return images
     aug = FastRandAugment(num_ops=plans.shape[1], interpolation=interpolation)
-    plans = plans.cpu()
-    for position in range(plans.shape[1]):
-        keys = plans[:, position, 0] * 2 + plans[:, position, 1]
-        order = torch.argsort(keys, stable=True)
-        groups, counts = torch.unique_consecutive(keys[order], return_counts=True)
-        ordered = images.index_select(0, order.to(images.device))
+    keys = plans[:, :, 0].cpu() * 2 + plans[:, :, 1].cpu()  # [N, num_ops]: op and sign
+    orders = torch.argsort(keys, dim=0, stable=True).T  # per position: images sorted by key
+    # the gather and scatter orders of every position go to the device in one copy
+    perms = torch.cat([orders, torch.argsort(orders, dim=1)])
+    if images.is_cuda:
+        perms = perms.pin_memory()
+    perms = perms.to(images.device, non_blocking=True)
+    for position, order in enumerate(orders):
+        groups, counts = torch.unique_consecutive(keys[order, position], return_counts=True)
+        ordered = images.index_select(0, perms[position])
         pieces, start = [], 0
         for key, count in zip(groups.tolist(), counts.tolist(), strict=True):
             pieces.append(aug.apply_op(ordered[start : start + count], key // 2, bool(key % 2)))
             start += count
-        images = torch.cat(pieces).index_select(0, torch.argsort(order).to(images.device))
+        images = torch.cat(pieces).index_select(0, perms[len(orders) + position])
     return images
 
 

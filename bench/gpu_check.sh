@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Full-size throughput check on one GPU machine (issue 8): training input pipeline vs the train
+# step, and a Pitts250k-size evaluation. Runs in under 8 minutes; prints a short table last.
+#
+#   bash bench/gpu_check.sh                 # from the repository root (or anywhere)
+#
+# The machine needs python3 with torch + torchvision + CUDA and no network. faiss-cpu and
+# pytorch-metric-learning, when missing, are installed from wheel files in .whl/ at the
+# repository root (the folder is gitignored: never commit wheels). Fetch them beforehand on a
+# machine with network, from the repository root:
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform manylinux1_x86_64 -d .whl faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0
+#
+# Their dependencies (faiss-cpu: numpy, packaging; pytorch-metric-learning: numpy,
+# scikit-learn, torch, tqdm; read with `unzip -p .whl/NAME-*.whl '*/METADATA' | grep
+# ^Requires-Dist`) are all in the GPU image this project uses, so no other wheel is needed.
+# (Match --python-version to that machine's python3.)
+#
+# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: train.log, train.json, eval.log.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+LOGS=${OUT:-/tmp/vprlib_gpu_check}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! python3 -c "import faiss, pytorch_metric_learning" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "faiss / pytorch-metric-learning missing and no wheels in $REPO/.whl (see header)"
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .whl/*.whl || exit 2
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 - <<'EOF'
+import os, torch, torchvision
+from torchvision.io import decode_jpeg, encode_jpeg
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"cuda {torch.cuda.is_available()}, cores {len(os.sched_getaffinity(0))}")
+img = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
+out = decode_jpeg([encode_jpeg(img)], device="cuda")[0]
+print(f"nvJPEG batch decode works: {tuple(out.shape)} on {out.device}")
+EOF
+
+status=0
+echo "== training throughput (full size)"
+timeout 300 python3 bench/train_throughput.py --json "$LOGS/train.json" 2>&1 \
+    | tee "$LOGS/train.log" || status=1
+
+echo "== evaluation throughput (Pitts250k-test size)"
+timeout 180 python3 bench/eval_throughput.py --full 2>&1 | tee "$LOGS/eval.log" || status=1
+
+echo
+echo "== summary (bench/RESULTS.md explains the columns)"
+sed -n '/^path .*pipeline/,/^best:/p' "$LOGS/train.log"
+echo
+sed -n '/^path .*Pitts250k/,/^best:/p' "$LOGS/eval.log"
+exit $status

@@ -1,0 +1,85 @@
+"""Every bench script runs (--small) and prints its ratio table, so none of them rots.
+
+Each runs in a fresh subprocess, as `make bench` would run it; the numbers themselves are
+not checked (this machine's timings are noise), only that they are there and make sense.
+"""
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def run_small(script: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--small"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    assert math.isfinite(value) and value > 0, text
+    return value
+
+
+@pytest.mark.parametrize(
+    ("script", "ratio_line"),
+    [
+        ("loader.py", rf"ratio vprlib/reference: {NUMBER}x"),
+        ("dataframes.py", rf"ratio read_gsv_dataframes/bare: {NUMBER}x"),
+        ("search.py", rf"time ratio vprlib/faiss: {NUMBER}x"),
+    ],
+)
+def test_cpu_bench_prints_its_ratio(script, ratio_line):
+    out = run_small(script)
+    match = re.search(ratio_line, out)
+    assert match, out
+    positive(match[1])
+
+
+def table_rows(out: str, header: str) -> dict[str, list[str]]:
+    """Rows after the table header line, up to the next blank line: first cell -> the rest."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == header.split())
+    rows = {}
+    for line in lines[start + 1 :]:
+        if not line.strip() or line.startswith(("best:", "search")):
+            break
+        cells = line.split()
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_train_throughput_prints_its_ratio_table():
+    out = run_small("train_throughput.py")
+    rows = table_rows(out, "path pipeline img/s end-to-end img/s ratio e2e/model")
+    assert list(rows) == ["model", "cpu", "mixed:2", "gpu"], out
+    assert rows["model"][-1] == "1.00"
+    for mode in ("cpu", "mixed:2", "gpu"):
+        assert len(rows[mode]) == 3 and all(positive(v) for v in rows[mode])
+    assert re.search(r"^best: \S+ at [0-9.]+ of model-only", out, re.M), out
+
+
+def test_eval_throughput_prints_its_ratio_table():
+    out = run_small("eval_throughput.py")
+    rows = table_rows(out, "path img/s ratio e2e/model Pitts250k-test s")
+    assert list(rows) == ["model", "cpu", "gpu"], out
+    for mode in ("cpu", "gpu"):
+        assert rows[mode][0] == "decode"
+        img_s, _, pitts = (positive(v) for v in rows[mode][1:])
+        assert pitts > 92_230 / img_s  # extraction of every image, plus the search
+    assert re.search(r"^search \+ recall at 83,950 x 8,280: [0-9.]+ s", out, re.M), out
+    assert re.search(r"^best: \S+ decode, Pitts250k-test in [0-9]+ s", out, re.M), out
