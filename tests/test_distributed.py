@@ -238,3 +238,16 @@ def test_gather_for_mining_and_resume_match_single_process(
     assert hist["steps"].tolist() == [2, 4]
     cols = ["loss", "b_acc", "lr"]
     assert hist[cols].to_numpy() == pytest.approx(hist_single[cols].to_numpy(), abs=1e-5)
+
+
+def test_readme_shows_the_command_the_tests_launch(repo_root):
+    # The slow test above launches `torchrun --standalone --nproc_per_node=N -m vprlib.train`:
+    # the README must show that same form, with flags the CLI accepts.
+    readme = (repo_root / "README.md").read_text()
+    block = readme.split("torchrun --standalone --nproc_per_node=", 1)[1].split("```", 1)[0]
+    assert block.split()[1:3] == ["-m", "vprlib.train"]
+    flags = [w for w in block.split() if w.startswith("--")]
+    from vprlib.train import build_parser
+
+    known = {s for a in build_parser()._actions for s in a.option_strings}
+    assert flags and set(flags) <= known, set(flags) - known
