@@ -20,6 +20,7 @@
 # (Match --python-version to that machine's python3.)
 #
 # Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: train.log, train.json, eval.log.
+# DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ fi
 
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 - <<'EOF'
+if ! python3 - <<'EOF'
 import os, torch, torchvision
 from torchvision.io import decode_jpeg, encode_jpeg
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -50,14 +51,28 @@ img = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
 out = decode_jpeg([encode_jpeg(img)], device="cuda")[0]
 print(f"nvJPEG batch decode works: {tuple(out.shape)} on {out.device}")
 EOF
+then
+    if [ "${DRY_RUN:-0}" != 1 ]; then
+        echo "no working CUDA + nvJPEG here: stopping (DRY_RUN=1 checks the script on a CPU)"
+        exit 3
+    fi
+fi
+
+TRAIN_ARGS=(--steps 25)
+EVAL_ARGS=(--full)
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    TRAIN_ARGS=(--small)
+    EVAL_ARGS=(--small)
+fi
 
 status=0
 echo "== training throughput (full size)"
-timeout 300 python3 bench/train_throughput.py --json "$LOGS/train.json" 2>&1 \
+timeout 320 python3 bench/train_throughput.py "${TRAIN_ARGS[@]}" --json "$LOGS/train.json" 2>&1 \
     | tee "$LOGS/train.log" || status=1
 
 echo "== evaluation throughput (Pitts250k-test size)"
-timeout 180 python3 bench/eval_throughput.py --full 2>&1 | tee "$LOGS/eval.log" || status=1
+timeout 160 python3 bench/eval_throughput.py "${EVAL_ARGS[@]}" 2>&1 \
+    | tee "$LOGS/eval.log" || status=1
 
 echo
 echo "== summary (bench/RESULTS.md explains the columns)"

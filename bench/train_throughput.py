@@ -88,13 +88,17 @@ def make_gsv_tree(root: Path, places: int, img_per_place: int, pool: list[bytes]
 
 
 def ensure_gsv_tree(root: Path, places: int, img_per_place: int, pool_size: int) -> None:
-    """Build the tree in `root` unless a tree of the same size is already there."""
+    """Build the tree in `root` unless a tree of the same size is already there. Only a
+    folder this script made (with its bench_tree.json) is ever emptied."""
     spec = {"places": places, "img_per_place": img_per_place, "pool": pool_size, "v": 1}
     marker = root / "bench_tree.json"
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return
-    for sub in ("Images", "Dataframes"):
-        shutil.rmtree(root / sub, ignore_errors=True)
+    if marker.is_file():
+        if json.loads(marker.read_text()) == spec:
+            return
+        for sub in ("Images", "Dataframes"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+    elif root.is_dir() and any(root.iterdir()):
+        raise SystemExit(f"--data-dir {root} is not empty and was not made by this script")
     root.mkdir(parents=True, exist_ok=True)
     make_gsv_tree(root, places, img_per_place, jpeg_pool(pool_size))
     marker.write_text(json.dumps(spec))
@@ -108,10 +112,9 @@ class Trainer:
     """Model, loss, miner, optimizer and scaler set up as `fit` does; `step` = train_step."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        crop = [4] if args.backbone.startswith(("resnet50", "resnet101", "resnet152")) else []
-        if args.layers_to_crop is not None:
-            crop = args.layers_to_crop
-        self.model = VPRModel(args.backbone, pretrained=False, layers_to_crop=crop, agg="convap")
+        self.model = VPRModel(
+            args.backbone, pretrained=False, layers_to_crop=args.layers_to_crop, agg="convap"
+        )
         self.model.to(device).train()
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -146,6 +149,13 @@ def model_only(trainer: Trainer, args, device: torch.device) -> float:
 
     x = to_model_input(images, device, channels_last=args.channels_last)
     labels = torch.arange(p).repeat_interleave(k).to(device)
+    try:
+        trainer.step(x, labels)  # the first step compiles
+    except Exception as e:  # a broken compiler stack must not cost the whole GPU run
+        if trainer.forward is trainer.model:
+            raise
+        print(f"torch.compile failed ({type(e).__name__}: {e}); measuring eager instead")
+        trainer.forward, args.compile = trainer.model, False
     for _ in range(args.warmup_steps):
         trainer.step(x, labels)
     synchronize(device)
@@ -215,7 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--data-dir", type=Path, default=None, help="build/reuse the tree here")
     p.add_argument("--backbone", default=None, help="default resnet50 (resnet18 with --small)")
-    p.add_argument("--layers-to-crop", type=int, nargs="*", default=None)
+    p.add_argument("--layers-to-crop", type=int, nargs="*", default=None, help="default [4] (R50+)")
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--places-per-batch", type=int, default=None)
     p.add_argument("--img-per-place", type=int, default=4)
@@ -245,6 +255,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.layers_to_crop is None:  # the paper's training config crops layer4 of ResNet50
+        args.layers_to_crop = [4] if args.backbone in ("resnet50", "resnet101", "resnet152") else []
     args.image_size = tuple(args.image_size)
     args.num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     args.precision = resolve_precision(args.precision, args.device)
@@ -264,7 +276,7 @@ def main(argv=None) -> dict:
     places = (args.warmup_steps + args.steps) * p
     print(f"device: {machine_summary(device)}")
     print(
-        f"settings: {args.backbone} crop {args.layers_to_crop or 'default'}, "
+        f"settings: {args.backbone} crop {args.layers_to_crop}, "
         f"{args.image_size[0]}x{args.image_size[1]}, {p} places x {k} images, "
         f"{args.warmup_steps} warm-up + {args.steps} timed steps, precision {args.precision}, "
         f"compile {args.compile}, channels_last {args.channels_last}, "
