@@ -94,12 +94,9 @@ WRITE_METHODS = {
 }
 # Known writes outside vprlib/fileio.py, with the reason they are accepted.
 KNOWN_WRITES = {
-    # extract_descriptors(out_path=...) streams into a .npy memmap in a temporary file beside
-    # out_path (tempfile.mkstemp) and renames it with os.replace on success, unlinking it on
-    # failure: atomic, but hand-rolled (no fsync). See test_failed_extraction_keeps_*.
-    ("evaluate.py", "_allocate", "tempfile.mkstemp"),
+    # extract_descriptors(out_path=...) streams into a .npy memmap opened on the temporary
+    # file that `with atomic_path(out_path) as tmp` yields (fsync + rename on success).
     ("evaluate.py", "_allocate", "np.lib.format.open_memmap"),
-    ("evaluate.py", "extract_descriptors", "os.replace"),
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .benchmarks import Benchmark, load_benchmark
-from .fileio import atomic_open
+from .fileio import atomic_open, atomic_path
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -217,63 +216,59 @@ def extract_descriptors(
         return to_model_input(images, device, pre["mean"], pre["std"], channels_last)
 
     depth = 1 if device.type == "cuda" else 0
-    out, tmp_path, start = None, None, 0
+    out, start = None, 0
     try:
-        with (
-            torch.inference_mode(),
-            _autocast(device),
-            contextlib.closing(prefetch_to_device(loader, prepare, device, depth)) as inputs,
-        ):
-            for x in _progress(inputs, len(loader), "descriptors", progress):
-                desc = model(x)
-                if desc.dim() != 2 or desc.shape[0] != x.shape[0]:
-                    raise ValueError(
-                        f"model returned shape {tuple(desc.shape)} for {x.shape[0]} images; "
-                        "expected descriptors [N, D]"
-                    )
-                desc = desc.float()
-                stop = start + desc.shape[0]
-                if stop > n:
-                    raise ValueError(
-                        f"got more descriptors ({stop}) than dataset items ({n}): items must be "
-                        "single images [3,H,W] (or tuples starting with one)"
-                    )
-                if not torch.isfinite(desc).all():
-                    bad = paths[start:stop] if paths is not None else f"items {start}..{stop - 1}"
-                    raise ValueError(
-                        f"non-finite (NaN/inf) descriptors in the batch of images {bad}"
-                    )
-                if out is None:
-                    out, tmp_path = _allocate(out_path, (n, desc.shape[1]), out_dtype)
-                out[start:stop] = desc.cpu().numpy()
-                start = stop
-        if start != n:
-            raise RuntimeError(f"extracted {start} descriptors for {n} images")
-        if tmp_path is not None:
-            out.flush()
-            del out
-            os.replace(tmp_path, out_path)
-            tmp_path = None
-            return np.load(out_path, mmap_mode="r")
-        return out
+        with contextlib.ExitStack() as files:
+            # With out_path the memmap lives in a temporary file, renamed onto out_path
+            # (fsynced) only when every descriptor is written.
+            tmp = files.enter_context(atomic_path(out_path)) if out_path is not None else None
+            with (
+                torch.inference_mode(),
+                _autocast(device),
+                contextlib.closing(prefetch_to_device(loader, prepare, device, depth)) as inputs,
+            ):
+                for x in _progress(inputs, len(loader), "descriptors", progress):
+                    desc = model(x)
+                    if desc.dim() != 2 or desc.shape[0] != x.shape[0]:
+                        raise ValueError(
+                            f"model returned shape {tuple(desc.shape)} for {x.shape[0]} images; "
+                            "expected descriptors [N, D]"
+                        )
+                    desc = desc.float()
+                    stop = start + desc.shape[0]
+                    if stop > n:
+                        raise ValueError(
+                            f"got more descriptors ({stop}) than dataset items ({n}): items "
+                            "must be single images [3,H,W] (or tuples starting with one)"
+                        )
+                    if not torch.isfinite(desc).all():
+                        bad = (
+                            paths[start:stop] if paths is not None else f"items {start}..{stop - 1}"
+                        )
+                        raise ValueError(
+                            f"non-finite (NaN/inf) descriptors in the batch of images {bad}"
+                        )
+                    if out is None:
+                        out = _allocate(tmp, (n, desc.shape[1]), out_dtype)
+                    out[start:stop] = desc.cpu().numpy()
+                    start = stop
+            if start != n:
+                raise RuntimeError(f"extracted {start} descriptors for {n} images")
+            if tmp is not None:
+                out.flush()
+                out = None  # close the memmap before the rename
     finally:
         model.train(was_training)
-        if tmp_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
+    if out_path is not None:
+        return np.load(out_path, mmap_mode="r")
+    return out
 
 
-def _allocate(
-    out_path: str | os.PathLike | None, shape: tuple[int, int], dtype: type
-) -> tuple[np.ndarray, str | None]:
-    """In-memory array, or a .npy memmap in a temporary file beside `out_path` (renamed on success)."""
-    if out_path is None:
-        return np.empty(shape, dtype=dtype), None
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape), tmp
+def _allocate(tmp: Path | None, shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """In-memory array, or a .npy memmap in the temporary file `tmp`."""
+    if tmp is None:
+        return np.empty(shape, dtype=dtype)
+    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
 
 
 # ---------------------------------------------------------------------------------------------

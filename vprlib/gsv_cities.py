@@ -261,8 +261,9 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
                 raise _bad_row(path, df, col, num.isna())
             df[col] = num.astype(np.float64)
     for col in ("city_id", "panoid"):
-        if df[col].isna().any():
-            raise _bad_row(path, df, col, df[col].isna())
+        empty = df[col].isna() | (df[col].str.strip() == "")
+        if empty.any():
+            raise _bad_row(path, df, col, empty)
     for col, (lo, hi) in VALUE_RANGES.items():
         bad = ~df[col].between(lo, hi)  # also catches inf
         if bad.any():
