@@ -1,9 +1,17 @@
 """Shared test fixtures: the repository root on sys.path and the committed sample's location."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests: the same examples on every run (CI must not flake) and no per-example
+# deadline (this 2-core machine is noisy). HYPOTHESIS_PROFILE=explore searches afresh.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
