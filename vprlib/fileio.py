@@ -77,6 +77,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, with errors that name the file.
+
+    Only tensors and plain containers are unpickled: a file holding anything else (which
+    could run code on an unsafe load) is refused with pickle.UnpicklingError and its payload
+    never runs; a truncated or foreign file raises ValueError.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = [ln for ln in lines if not ln.startswith("Check the documentation")][-1:]
+        raise pickle.UnpicklingError(
+            f"refused to load {path}: torch.load(weights_only=True) accepts only tensors and "
+            "plain containers, and this file holds something else (pickled objects, which "
+            "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
+            f"Loader said: {' '.join(detail)}"
+        ) from e
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated?): {e}") from e
+
+
 def _apply_umask(tmp: str | os.PathLike) -> None:
     # mkstemp creates 0600 files; give the result the mode a plain open() would have.
     umask = os.umask(0)

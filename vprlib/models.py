@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch import nn
 
 from .aggregators import AGGREGATORS, build_aggregator
 from .download import BICUBIC_RELEASED, fetch_released, released_name, valid_released_names
-from .fileio import atomic_torch_save
+from .fileio import atomic_torch_save, safe_torch_load
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Backbone name -> (torchvision builder, ImageNet weights enum). Exact names only.
@@ -302,21 +301,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     keys; the reference Lightning checkpoints need no stripping (same keys as released).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = [ln for ln in lines if not ln.startswith("Check the documentation")][-1:]
-        raise pickle.UnpicklingError(
-            f"refused to load {path}: torch.load(weights_only=True) accepts only tensors and "
-            "plain containers, and this file holds something else (pickled objects, which "
-            "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
-            f"Loader said: {' '.join(detail)}"
-        ) from e
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+    obj = safe_torch_load(path)
     model_config = None
     if isinstance(obj, dict) and "state_dict" in obj:
         state, model_config = obj["state_dict"], obj.get("model_config")

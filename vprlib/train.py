@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -42,7 +41,7 @@ import torch
 from . import distributed
 from .distributed import DistContext, shard_places
 from .evaluate import default_num_workers
-from .fileio import atomic_torch_save, atomic_write_text
+from .fileio import atomic_torch_save, atomic_write_text, safe_torch_load
 from .losses import batch_accuracy, get_loss, get_miner
 from .transforms import prefetch_to_device, to_model_input
 
@@ -344,18 +343,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     or one that `fit` did not write (e.g. released weights) raises naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise pickle.UnpicklingError(
-            f"refused to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers (loading them could run code), so fit did not write it ({said})"
-        ) from e
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated?): {e}") from e
+    ckpt = safe_torch_load(path)
     missing = [k for k in FIT_CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(
