@@ -261,7 +261,7 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
                 raise _bad_row(path, df, col, num.isna())
             df[col] = num.astype(np.float64)
     for col in ("city_id", "panoid"):
-        empty = df[col].isna() | (df[col].str.strip() == "")
+        empty = df[col].isna() | (df[col] == "")
         if empty.any():
             raise _bad_row(path, df, col, empty)
     for col, (lo, hi) in VALUE_RANGES.items():
