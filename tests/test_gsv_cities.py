@@ -514,3 +514,14 @@ def test_bench_scripts_small(repo_root, script, capsys):
     out = capsys.readouterr().out
     ratio = float(out.split("ratio")[1].split(":")[1].split("x")[0])
     assert ratio > 0
+
+
+def test_short_csv_row_names_the_missing_text_column(tmp_path):
+    (tmp_path / "Dataframes").mkdir()
+    (tmp_path / "Dataframes" / "London.csv").write_text(
+        "place_id,year,month,northdeg,city_id,lat,lon,panoid\n"
+        "1,2018,4,15,London,51.4861,-0.0895151,abcdefghijklmnopqrstuv\n"
+        "2,2018,4,15,London,51.4871,-0.0895151\n"
+    )
+    with pytest.raises(ValueError, match=r"London\.csv: column 'panoid'.*line 3.*non-empty text"):
+        G.read_gsv_dataframes(tmp_path, check_files=False)

@@ -252,24 +252,26 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
             if bad.any():
                 raise _bad_row(path, df, col, bad)
             df[col] = num.astype(np.int64)
-        else:
+        elif df[col].dtype != np.int64:
             df[col] = df[col].astype(np.int64)
     for col in FLOAT_COLUMNS:
-        if not pd.api.types.is_float_dtype(df[col]) or df[col].isna().any():
+        if not pd.api.types.is_float_dtype(df[col]) or np.isnan(df[col].to_numpy()).any():
             num = pd.to_numeric(df[col], errors="coerce")
             if num.isna().any():
                 raise _bad_row(path, df, col, num.isna())
             df[col] = num.astype(np.float64)
+    # Text columns: "" (empty cell) or NaN (a short row) is missing. city_id is checked on
+    # its distinct values.
+    ids = pd.unique(df["city_id"].to_numpy(dtype=object))
     for col in ("city_id", "panoid"):
-        empty = df[col].isna() | (df[col] == "")
-        if empty.any():
-            raise _bad_row(path, df, col, empty)
+        values = ids if col == "city_id" else df[col].to_numpy(dtype=object)
+        if not values.astype(bool).all() or pd.isna(values).any():
+            raise _bad_row(path, df, col, df[col].isna() | (df[col] == ""), "non-empty text")
     for col, (lo, hi) in VALUE_RANGES.items():
-        bad = ~df[col].between(lo, hi)  # also catches inf
-        if bad.any():
+        v = df[col].to_numpy()
+        if not (v.min() >= lo and v.max() <= hi):  # NaN-free here; also catches inf
             expected = f"a value >= {lo}" if hi == math.inf else f"a value in {lo}..{hi}"
-            raise _bad_row(path, df, col, bad, expected)
-    ids = df["city_id"].unique()
+            raise _bad_row(path, df, col, ~df[col].between(lo, hi), expected)
     if len(ids) != 1:
         raise ValueError(f"{path}: expected one city_id per CSV, found {list(ids)[:5]}")
     return df
