@@ -247,7 +247,7 @@ def test_readme_shows_the_command_the_tests_launch(repo_root):
     block = readme.split("torchrun --standalone --nproc_per_node=", 1)[1].split("```", 1)[0]
     assert block.split()[1:3] == ["-m", "vprlib.train"]
     flags = [w for w in block.split() if w.startswith("--")]
-    from vprlib.train import build_parser
+    from vprlib.train_cli import build_parser
 
     known = {s for a in build_parser()._actions for s in a.option_strings}
     assert flags and set(flags) <= known, set(flags) - known

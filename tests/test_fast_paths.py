@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 import vprlib
 from vprlib import gsv_cities as G
 from vprlib import train as TR
+from vprlib import train_cli
 from vprlib import transforms as T
 from vprlib.evaluate import default_num_workers, extract_descriptors
 
@@ -234,6 +235,6 @@ def test_gpu_decode_extraction_through_workers(bench_root):
 
 
 def test_cli_compile_choice():
-    args = TR.build_parser().parse_args(["--compile", "off"])
+    args = train_cli.build_parser().parse_args(["--compile", "off"])
     assert args.compile == "off"
-    assert TR.build_parser().parse_args([]).compile == "auto"
+    assert train_cli.build_parser().parse_args([]).compile == "auto"

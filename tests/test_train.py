@@ -249,7 +249,7 @@ def test_cli_smoke(sample_root, repo_root, tmp_path):
 
 
 def test_cli_errors(tmp_path):
-    from vprlib.train import main
+    from vprlib.train_cli import main
 
     with pytest.raises(FileNotFoundError, match="Dataframes"):
         main(["--data-root", str(tmp_path), "--epochs", "1"])

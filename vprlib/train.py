@@ -21,9 +21,7 @@ Run from the shell: `python -m vprlib.train --help`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -41,7 +39,7 @@ import torch
 from . import distributed
 from .distributed import DistContext, shard_places
 from .evaluate import default_num_workers
-from .fileio import atomic_torch_save, atomic_write_text, safe_torch_load
+from .fileio import atomic_torch_save, safe_torch_load
 from .losses import batch_accuracy, get_loss, get_miner
 from .transforms import prefetch_to_device, to_model_input
 
@@ -705,183 +703,7 @@ def validate(
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
+if __name__ == "__main__":  # python -m vprlib.train: the command line lives in train_cli.py
+    from vprlib.train_cli import main
 
-
-def _resume_arg(text: str) -> bool | str:
-    if text == "auto":
-        return "auto"
-    raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
-
-
-def _gsv_root(data_root: str | None) -> Path:
-    """The GSV-Cities folder: --data-root (itself or its GSV-Cities/), else the env variables."""
-    if data_root is None:
-        data_root = os.environ.get("GSV_CITIES_ROOT") or os.environ.get("VPRLIB_DATA")
-        if data_root is None:
-            raise ValueError("give --data-root (or set GSV_CITIES_ROOT or VPRLIB_DATA)")
-    root = Path(data_root)
-    for candidate in (root, root / "GSV-Cities"):
-        if (candidate / "Dataframes").is_dir():
-            return candidate
-    raise FileNotFoundError(f"no Dataframes/ folder in {root} or {root / 'GSV-Cities'}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m vprlib.train",
-        description="Train a VPR model on GSV-Cities (P places x K images, Multi-Similarity loss).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data-root",
-        help="GSV-Cities folder or a folder holding GSV-Cities/ "
-        "(default: $GSV_CITIES_ROOT, else $VPRLIB_DATA)",
-    )
-    d.add_argument("--cities", nargs="+", default=None, help="city names (default: all)")
-    d.add_argument("--image-size", nargs=2, type=int, default=[320, 320], metavar=("H", "W"))
-    d.add_argument("--img-per-place", type=int, default=4)
-    d.add_argument("--min-img-per-place", type=int, default=4)
-    d.add_argument("--decode", choices=("cpu", "gpu"), default="cpu")
-    m = p.add_argument_group("model")
-    m.add_argument("--backbone", default="resnet50")
-    m.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="ImageNet weights for the backbone (downloaded by torchvision)",
-    )
-    m.add_argument("--layers-to-freeze", type=int, default=2)
-    m.add_argument(
-        "--layers-to-crop",
-        nargs="*",
-        type=int,
-        default=[4],
-        help="ResNet layers to drop (the paper's training default drops layer4; "
-        "give the flag with no value to keep all)",
-    )
-    m.add_argument("--agg", default="convap")
-    m.add_argument("--agg-config", type=json.loads, default=None, help="JSON dict")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--places-per-batch", type=int, default=100)
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=1e-3)
-    t.add_argument("--warmup-steps", type=int, default=300)
-    t.add_argument("--milestones", nargs="*", type=int, default=[5, 10, 15, 25])
-    t.add_argument("--gamma", type=float, default=0.3)
-    t.add_argument("--loss", default="MultiSimilarityLoss")
-    t.add_argument("--miner", default="MultiSimilarityMiner")
-    t.add_argument("--precision", choices=PRECISIONS, default="auto")
-    t.add_argument(
-        "--compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="torch.compile the model (auto: on CUDA only)",
-    )
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None)
-    t.add_argument("--num-workers", type=int, default=None)
-    t.add_argument("--max-steps-per-epoch", type=int, default=None)
-    t.add_argument(
-        "--gather-for-mining",
-        action="store_true",
-        help="under torchrun: mine and compute the loss on the whole global batch "
-        "(all ranks' descriptors), as a single process would",
-    )
-    t.add_argument("--no-progress", action="store_true")
-    o = p.add_argument_group("validation and checkpoints")
-    o.add_argument("--val", nargs="*", default=[], help="benchmark names or folders")
-    o.add_argument(
-        "--val-image-size",
-        nargs=2,
-        type=int,
-        default=None,
-        metavar=("H", "W"),
-        help="evaluation resize (default: the training --image-size)",
-    )
-    o.add_argument(
-        "--benchmarks-root",
-        default=None,
-        help="where named benchmarks live (default: $VPR_BENCHMARKS_ROOT, "
-        "else $VPRLIB_DATA/benchmarks)",
-    )
-    o.add_argument("--checkpoint-dir", default=None)
-    o.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        type=_resume_arg,
-        help="continue from <checkpoint-dir>/last.ckpt; 'auto': only if it exists",
-    )
-    return p
-
-
-def main(argv: Sequence[str] | None = None):
-    """CLI entry: build dataset and model from the arguments, train, print and save history."""
-    args = build_parser().parse_args(argv)
-    from .benchmarks import load_benchmark
-    from .gsv_cities import GSVCitiesDataset
-    from .models import VPRModel
-
-    dataset = GSVCitiesDataset(
-        _gsv_root(args.data_root),
-        cities=args.cities,
-        img_per_place=args.img_per_place,
-        min_img_per_place=args.min_img_per_place,
-        image_size=tuple(args.image_size),
-        seed=args.seed,
-        decode=args.decode,
-    )
-    seed_everything(args.seed)  # the same initial weights for the same --seed
-    model = VPRModel(
-        backbone=args.backbone,
-        pretrained=args.pretrained,
-        layers_to_freeze=args.layers_to_freeze,
-        layers_to_crop=tuple(args.layers_to_crop),
-        agg=args.agg,
-        agg_config=args.agg_config,
-    )
-    val = [load_benchmark(v, root=args.benchmarks_root) for v in args.val]
-    history = fit(
-        model,
-        dataset,
-        epochs=args.epochs,
-        places_per_batch=args.places_per_batch,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        milestones=tuple(args.milestones),
-        gamma=args.gamma,
-        loss=args.loss,
-        miner=args.miner,
-        precision=args.precision,
-        compile={"on": True, "off": False}.get(args.compile, "auto"),
-        val=val or None,
-        val_image_size=tuple(args.val_image_size or args.image_size),
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        gather_for_mining=args.gather_for_mining,
-    )
-    if distributed.is_main_process():  # under torchrun only rank 0 prints and writes
-        print(history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        if args.checkpoint_dir is not None:
-            path = Path(args.checkpoint_dir) / "history.csv"
-            atomic_write_text(path, history.to_csv(index=False))
-    return history
-
-
-if __name__ == "__main__":
     main(sys.argv[1:])
