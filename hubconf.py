@@ -12,15 +12,11 @@ from ImageNet weights.
 
 dependencies = ["torch", "torchvision"]
 
+from vprlib.download import RELEASED  # noqa: E402
 from vprlib.models import VPRModel, load_pretrained  # noqa: E402
 
 # Descriptor dim -> released file (ResNet50 with layer4 + Conv-AP 2x2).
-CONVAP_RELEASED = {
-    512: "resnet50_ConvAP_128_2x2",
-    2048: "resnet50_ConvAP_512_2x2",
-    4096: "resnet50_ConvAP_1024_2x2",
-    8192: "resnet50_ConvAP_2048_2x2",
-}
+CONVAP_RELEASED = {dim: name for name, dim in RELEASED.items()}
 
 
 def convap(dim: int = 4096, pretrained: bool = True, imagenet: bool | str = False, **kw):

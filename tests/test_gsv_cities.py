@@ -443,11 +443,11 @@ def test_corrupt_image_error_and_skip(tmp_path):
             assert [p.rsplit("/", 1)[-1] for p in images.paths] == names[3::-1]
         else:
             want = _expected(root, [f"Images/TST/{n}" for n in names[3::-1]], (16, 16))
-            augmented = G.GSVCitiesDataset(
+            plain = G.GSVCitiesDataset(
                 root, image_size=(16, 16), random_sample=False, on_corrupt="skip", augment=False
             )
             with pytest.warns(UserWarning):
-                assert torch.equal(augmented[0][0], want)
+                assert torch.equal(plain[0][0], want)
     bad.write_bytes(b"")
     (root / "Images" / "TST" / names[3]).write_bytes(b"not a jpeg")
     # too few readable images left in the place -> clear error

@@ -116,9 +116,9 @@ def test_history_checkpoints_and_lr(dataset, bench, tmp_path):
 
     # Both checkpoints load with weights_only=True and hold everything the CONTRACT lists.
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    for key in ("state_dict", "model_config", "epoch", "global_step", "optimizer"):
+    for key in ("state_dict", "model_config", "epoch", "global_step", "optimizer", "scheduler"):
         assert key in ckpt
-    for key in ("scheduler", "scaler", "rng", "history", "fit_args"):
+    for key in ("scaler", "rng", "rng_per_rank", "history", "fit_args"):
         assert key in ckpt
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4
     assert ckpt["model_config"] == model.config

@@ -133,8 +133,8 @@ def load_benchmark(
         if not p.is_file():
             raise FileNotFoundError(f"benchmark list file not found: {p}")
         return load_list_benchmark(p, root=root)
-    if p.parent.is_dir() and _find_npy(p.parent, p.name, "dbImages") is not None:
-        return load_list_benchmark(_find_npy(p.parent, p.name, "dbImages"), root=root)
+    if p.parent.is_dir() and (db_file := _find_npy(p.parent, p.name, "dbImages")) is not None:
+        return load_list_benchmark(db_file, root=root)
     if p.is_dir():
         raise FileNotFoundError(
             f"{p} is a folder but holds neither database/ + queries/ (folder format) nor "

@@ -74,10 +74,10 @@ def torchrun_ranks() -> tuple[int, int, int]:
         local = os.environ.get("LOCAL_RANK")
         rank = dist.get_rank()
         return dist.get_world_size(), rank, int(local) if local is not None else rank
-    world = os.environ.get("WORLD_SIZE")
-    if world is None or _env_int("WORLD_SIZE") <= 1:
+    world = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
+    if world <= 1:
         return 1, 0, 0
-    return _env_int("WORLD_SIZE"), _env_int("RANK"), _env_int("LOCAL_RANK")
+    return world, _env_int("RANK"), _env_int("LOCAL_RANK")
 
 
 def places_per_rank(places_per_batch: int, world_size: int) -> int:

@@ -59,6 +59,7 @@ import pandas as pd
 import torch
 
 from .transforms import (
+    _size,
     apply_plans,
     decode_image_bytes,
     decode_jpeg_batch,
@@ -129,9 +130,7 @@ def parse_gsv_filename(name: str | os.PathLike) -> dict:
 
 
 def _as_int(value, key: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"gsv_filename: {key} must be an integer, got {value!r}")
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return int(value)
@@ -286,7 +285,7 @@ def _padded(values: pd.Series, width: int, prefix: str = "") -> np.ndarray:
     return table[v - lo]
 
 
-def _relative_paths(df: pd.DataFrame, ext: str = ".jpg") -> list[str]:
+def _relative_paths(df: pd.DataFrame) -> list[str]:
     """`Images/<city_id>/<file name>` of the rows of one city. lat/lon use repr, i.e.
     Python's shortest float repr, like the dataset's own names. Built column-wise (tables
     for the int fields, C-level map/join) because this is the cost of reading 530k rows."""
@@ -298,7 +297,7 @@ def _relative_paths(df: pd.DataFrame, ext: str = ".jpg") -> list[str]:
         _padded(df["northdeg"], 3),
         map(repr, df["lat"].tolist()),
         map(repr, df["lon"].tolist()),
-        df["panoid"].to_numpy(dtype=object) + ext,
+        df["panoid"].to_numpy(dtype=object) + ".jpg",
     ]
     return list(map("_".join, zip(*fields, strict=True)))
 
@@ -538,12 +537,10 @@ class EncodedImages:
     @staticmethod
     def collate(items: list[EncodedImages], shape: tuple[int, ...]) -> EncodedImages:
         """Items of P places -> one batch of `shape` (P, K), bytes in one buffer."""
-        buffer, _ = pack_bytes([e.buffer for e in items])
-        sizes = torch.tensor([e.buffer.numel() for e in items], dtype=torch.int64)
-        bases = torch.cumsum(sizes, 0) - sizes
+        buffer, bases = pack_bytes([e.buffer for e in items])  # bases[i]: start of item i
         offsets = torch.cat(
-            [torch.zeros(1, dtype=torch.int64)]
-            + [e.offsets[1:] + base for e, base in zip(items, bases.tolist(), strict=True)]
+            [bases[:1]]
+            + [e.offsets[1:] + base for e, base in zip(items, bases[:-1].tolist(), strict=True)]
         )
         return EncodedImages(
             buffer=buffer,
@@ -636,9 +633,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         self.img_per_place = int(img_per_place)
         self.min_img_per_place = int(min_img_per_place)
         self.random_sample = bool(random_sample)
-        self.image_size = (
-            tuple(image_size) if not isinstance(image_size, int) else (image_size,) * 2
-        )
+        self.image_size = _size(image_size)
         self.seed = int(seed)
         self.epoch = 0
         self.decode = decode
@@ -665,7 +660,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
 
     @property
     def num_images(self) -> int:
-        return len(self.dataframe) if self.dataframe is not None else int(self._counts.sum())
+        return int(self._counts.sum())
 
     @property
     def num_places(self) -> int:
@@ -741,7 +736,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         out = []
         with torch.random.fork_rng(devices=[]):
             for img, s in zip(loaded, seeds, strict=True):
-                torch.manual_seed(s)
+                torch.default_generator.manual_seed(s)  # CPU only: GPU generators untouched
                 out.append(self.transform(img))
         return torch.stack(out), labels
 
@@ -815,7 +810,7 @@ def _haversine_m(lat1, lon1, lat2, lon2):
 
 def place_centres(df: pd.DataFrame) -> pd.DataFrame:
     """Mean lat/lon, city_id and image count per place (for maps and spacing checks)."""
-    g = df.groupby("place" if "place" in df.columns else ["city_id", "place_id"])
+    g = df.groupby(_place_key(df))
     out = g.agg(city_id=("city_id", "first"), lat=("lat", "mean"), lon=("lon", "mean"))
     out["images"] = g.size()
     return out

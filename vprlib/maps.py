@@ -14,33 +14,26 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .gsv_cities import place_centres
+from .plots import _require_columns
+
 # Rounding coordinates to 6 decimals (~0.1 m) keeps the HTML small without moving any point.
 _DECIMALS = 6
-
-
-def _require_columns(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise KeyError(f"{where}: DataFrame lacks column(s) {missing}; has {list(df.columns)}")
-
-
-def _place_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per place: mean position and number of images."""
-    return (
-        df.groupby("place", sort=True)
-        .agg(lat=("lat", "mean"), lon=("lon", "mean"), images=("lat", "size"))
-        .reset_index()
-    )
 
 
 def _city_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per city: places, images and centre (mean of its place positions)."""
     _require_columns(df, ["city_id", "place", "lat", "lon"], "cities_map")
-    places = df.groupby(["city_id", "place"]).agg(lat=("lat", "mean"), lon=("lon", "mean"))
-    per_city = places.groupby("city_id").agg(
-        places=("lat", "size"), lat=("lat", "mean"), lon=("lon", "mean")
+    per_city = (
+        place_centres(df)
+        .groupby("city_id")
+        .agg(
+            places=("lat", "size"),
+            images=("images", "sum"),
+            lat=("lat", "mean"),
+            lon=("lon", "mean"),
+        )
     )
-    per_city["images"] = df.groupby("city_id").size()
     return per_city.reset_index()[["city_id", "places", "images", "lat", "lon"]]
 
 
@@ -88,7 +81,7 @@ def city_map(df: pd.DataFrame, city: str):
     if sub.empty:
         known = sorted(df["city_id"].unique().tolist())
         raise KeyError(f"city_map: no rows with city_id == {city!r}; known cities: {known}")
-    places = _place_table(sub)
+    places = place_centres(sub).reset_index()
     lat = places["lat"].round(_DECIMALS).to_numpy()
     lon = places["lon"].round(_DECIMALS).to_numpy()
     m = folium.Map(location=[float(lat.mean()), float(lon.mean())], zoom_start=12)

@@ -28,7 +28,13 @@ import torchvision
 from torch import nn
 
 from .aggregators import AGGREGATORS, build_aggregator
-from .download import BICUBIC_RELEASED, fetch_released, released_name, valid_released_names
+from .download import (
+    BICUBIC_RELEASED,
+    cache_dir,
+    fetch_released,
+    released_name,
+    valid_released_names,
+)
 from .fileio import atomic_torch_save, safe_torch_load
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -94,6 +100,7 @@ class ResNetBackbone(nn.Module):
         for i in crop:
             delattr(model, f"layer{i}")
         self.model = model
+        self.layers_to_crop = crop
         self.layer_names = [f"layer{i}" for i in range(1, 5) if i not in crop]
         last = getattr(model, self.layer_names[-1])[-1]
         self.out_channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
@@ -122,8 +129,7 @@ class ResNetBackbone(nn.Module):
 
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the output feature map for an input of height x width."""
-        crop = [i for i in (3, 4) if f"layer{i}" not in self.layer_names]
-        return feature_map_size(height, width, crop)
+        return feature_map_size(height, width, self.layers_to_crop)
 
 
 def _check_crop(layers_to_crop) -> list[int]:
@@ -189,7 +195,7 @@ class VPRModel(nn.Module):
             "backbone": backbone,
             "pretrained": False,
             "layers_to_freeze": layers_to_freeze,
-            "layers_to_crop": sorted(_check_crop(layers_to_crop)),
+            "layers_to_crop": list(self.backbone.layers_to_crop),
             "agg": agg,
             "agg_config": resolved,
         }
@@ -261,7 +267,6 @@ def imagenet_state_dict(name: str, pretrained: bool | str | os.PathLike) -> dict
     once); a path -> that torchvision state-dict file. Offline failures say how to fix."""
     if pretrained is True:
         url = imagenet_url(name)
-        folder = Path(torch.hub.get_dir()) / "checkpoints"
         try:
             return torch.hub.load_state_dict_from_url(
                 url, map_location="cpu", progress=True, weights_only=True
@@ -270,7 +275,7 @@ def imagenet_state_dict(name: str, pretrained: bool | str | os.PathLike) -> dict
             filename = url.rsplit("/", 1)[-1]
             raise RuntimeError(
                 f"could not download the ImageNet weights of {name} from {url} ({e}). "
-                f"Offline? Put {filename} in the torch hub checkpoints folder {folder}, or "
+                f"Offline? Put {filename} in the torch hub checkpoints folder {cache_dir()}, or "
                 f"pass pretrained='/path/to/{filename}' (a torchvision state dict), "
                 "or pretrained=False"
             ) from e

@@ -49,9 +49,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_figure writes PNG: path must end in .png, got {str(path)!r}")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=dpi))
     return path
 
 

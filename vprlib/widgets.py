@@ -71,10 +71,9 @@ def place_browser(df: pd.DataFrame, root: str | os.PathLike):
     import ipywidgets as W
     from IPython.display import HTML
 
-    needed = ["city_id", "place", "year", "month", "northdeg", "lat", "lon", "path"]
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise KeyError(f"place_browser: DataFrame lacks column(s) {missing}")
+    plots._require_columns(
+        df, ["city_id", "place", "year", "month", "northdeg", "lat", "lon", "path"], "place_browser"
+    )
     if df.empty:
         raise ValueError("place_browser: the DataFrame has no rows")
     if not Path(root).is_dir():
