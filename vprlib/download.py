@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from .fileio import atomic_open, atomic_write_text
+from .progress import progress_bar
 
 DRIVE_FOLDER_ID = "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL"
 DRIVE_FOLDER_URL = f"https://drive.google.com/drive/folders/{DRIVE_FOLDER_ID}"
@@ -119,7 +120,9 @@ def http_download(url: str, f: IO[bytes], progress: bool = True, timeout: float 
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             expected = int(length) if length is not None else None
-            bar = _progress_bar(expected, url.rsplit("/", 1)[-1], progress)
+            bar = progress_bar(
+                progress, total=expected, desc=url.rsplit("/", 1)[-1], unit="B", unit_scale=True
+            )
             received = 0
             try:
                 while chunk := resp.read(1 << 20):
@@ -205,14 +208,3 @@ def verify_or_record(path: str | os.PathLike) -> dict[str, int | str]:
             "changed or is corrupt; delete both files to download it again"
         )
     return digest
-
-
-def _progress_bar(total: int | None, desc: str, enabled: bool):
-    """A tqdm bar when tqdm is installed and `enabled`, else None."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .benchmarks import Benchmark, load_benchmark
 from .fileio import atomic_open, atomic_path
+from .progress import progress_bar
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -134,16 +135,6 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
 def extract_descriptors(
     model: torch.nn.Module,
     paths_or_dataset: Sequence[str | os.PathLike] | Dataset,
@@ -227,7 +218,9 @@ def extract_descriptors(
                 _autocast(device),
                 contextlib.closing(prefetch_to_device(loader, prepare, device, depth)) as inputs,
             ):
-                for x in _progress(inputs, len(loader), "descriptors", progress):
+                for x in progress_bar(
+                    progress, inputs, total=len(loader), desc="descriptors", leave=False
+                ):
                     desc = model(x)
                     if desc.dim() != 2 or desc.shape[0] != x.shape[0]:
                         raise ValueError(

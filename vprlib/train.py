@@ -41,6 +41,7 @@ from .distributed import DistContext, shard_places
 from .evaluate import default_num_workers
 from .fileio import atomic_torch_save, safe_torch_load
 from .losses import batch_accuracy, get_loss, get_miner
+from .progress import progress_bar
 from .transforms import prefetch_to_device, to_model_input
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -383,17 +384,6 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm.auto bar (notebook-friendly), or None when disabled or tqdm is missing."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
@@ -591,7 +581,9 @@ def fit(
         if hasattr(train_dataset, "set_epoch"):
             train_dataset.set_epoch(epoch)
         model.train()
-        bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        bar = progress_bar(
+            progress, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True
+        )
         loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
         t0 = time.perf_counter()
         batches = device_batches(loader, train_dataset, device, channels_last, prefetch)
