@@ -41,3 +41,14 @@ def gsv_root(sample_root) -> Path:
 @pytest.fixture(scope="session")
 def bench_root(sample_root) -> Path:
     return sample_root / "benchmarks"
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    """A temporary torch hub cache, so tests never touch (or download into) the real one."""
+    import torch
+
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)

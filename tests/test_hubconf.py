@@ -10,14 +10,6 @@ from vprlib.download import sidecar_path
 from vprlib.models import VPRModel
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(old)
-
-
 def hub_load(repo_root, entry, **kw):
     return torch.hub.load(str(repo_root), entry, source="local", **kw)
 

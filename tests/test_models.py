@@ -318,14 +318,6 @@ def test_pretrained_from_path_loads_torchvision_state_dict(tmp_path):
         VPRModel("resnet34", pretrained=path)
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(old)
-
-
 def test_pretrained_true_uses_hub_cache_without_network(hub_dir):
     filename = models.imagenet_url("resnet18").rsplit("/", 1)[-1]
     (hub_dir / "checkpoints").mkdir(parents=True)
