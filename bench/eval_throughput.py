@@ -36,7 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import jpeg_pool, machine_summary, synchronize  # noqa: E402
+from synthetic import (  # noqa: E402
+    jpeg_pool,
+    link_or_copy,
+    machine_summary,
+    synchronize,
+    write_pool,
+)
 
 from vprlib.evaluate import (  # noqa: E402
     default_num_workers,
@@ -51,13 +57,13 @@ PITTS250K_DB, PITTS250K_Q = 83_950, 8_280
 K = 25
 
 
-def write_images(folder: Path, count: int, pool: list[bytes]) -> list[str]:
-    """`count` JPEG files in `folder`, copied round-robin from `pool`."""
+def write_images(folder: Path, count: int, pool_files: list[Path]) -> list[str]:
+    """`count` JPEG files in `folder`, linked (or copied) round-robin from `pool_files`."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         path = folder / f"{i:07d}.jpg"
-        path.write_bytes(pool[i % len(pool)])
+        link_or_copy(pool_files, i, path)
         paths.append(str(path))
     return paths
 
@@ -168,7 +174,7 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="vprlib_eval_bench_") as tmp:
         t = time.perf_counter()
-        pool = jpeg_pool(args.pool)
+        pool = write_pool(Path(tmp) / "pool", jpeg_pool(args.pool))
         db_paths = write_images(Path(tmp) / "database", args.db, pool)
         q_paths = write_images(Path(tmp) / "queries", args.queries, pool)
         print(f"data: {args.db + args.queries} JPEGs ({time.perf_counter() - t:.1f} s to write)")

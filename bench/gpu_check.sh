@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Full-size throughput check on one GPU machine (issue 8): training input pipeline vs the train
-# step, and a Pitts250k-size evaluation. Runs in under 8 minutes; prints a short table last.
+# step, a Pitts250k-size evaluation, and the CUDA tests (tests/test_cuda.py). Runs in under
+# 9 minutes; prints a short table last.
 #
 #   bash bench/gpu_check.sh                 # from the repository root (or anywhere)
 #
@@ -19,7 +20,7 @@
 # ^Requires-Dist`) are all in the GPU image this project uses, so no other wheel is needed.
 # (Match --python-version to that machine's python3.)
 #
-# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: train.log, train.json, eval.log.
+# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: train.log, train.json, eval.log, tests.log.
 # DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
 set -uo pipefail
 
@@ -58,7 +59,7 @@ then
     fi
 fi
 
-TRAIN_ARGS=(--steps 25)
+TRAIN_ARGS=()
 EVAL_ARGS=(--full)
 if [ "${DRY_RUN:-0}" = 1 ]; then
     TRAIN_ARGS=(--small)
@@ -67,16 +68,22 @@ fi
 
 status=0
 echo "== training throughput (full size)"
-timeout 320 python3 bench/train_throughput.py "${TRAIN_ARGS[@]}" --json "$LOGS/train.json" 2>&1 \
+timeout 240 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --json "$LOGS/train.json" 2>&1 \
     | tee "$LOGS/train.log" || status=1
 
 echo "== evaluation throughput (Pitts250k-test size)"
-timeout 160 python3 bench/eval_throughput.py "${EVAL_ARGS[@]}" 2>&1 \
+timeout 170 python3 bench/eval_throughput.py "${EVAL_ARGS[@]}" 2>&1 \
     | tee "$LOGS/eval.log" || status=1
+
+echo "== CUDA paths vs the CPU (tests/test_cuda.py; skipped where there is no GPU)"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    | tee "$LOGS/tests.log" || status=1
 
 echo
 echo "== summary (bench/RESULTS.md explains the columns)"
 sed -n '/^path .*pipeline/,/^best:/p' "$LOGS/train.log"
 echo
 sed -n '/^path .*Pitts250k/,/^best:/p' "$LOGS/eval.log"
+echo
+tail -n 1 "$LOGS/tests.log"
 exit $status

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,26 @@ def jpeg_pool(count: int, seed: int = 0) -> list[bytes]:
     cost depends on the bytes, not on whether two files hold the same ones."""
     rng = np.random.default_rng(seed)
     return [noisy_jpeg(rng) for _ in range(count)]
+
+
+def link_or_copy(pool_files: list[Path], i: int, path: Path) -> None:
+    """Make `path` a hard link to pool file i % len(pool) (a copy where links fail). Links
+    keep a 90k-image tree from costing 10 GB of disk writes; decoding cost is the same."""
+    source = pool_files[i % len(pool_files)]
+    try:
+        os.link(source, path)
+    except OSError:
+        shutil.copyfile(source, path)
+
+
+def write_pool(folder: Path, pool: list[bytes]) -> list[Path]:
+    """Write the pool's JPEGs once into `folder`; return their paths (for `link_or_copy`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, data in enumerate(pool):
+        files.append(folder / f"pool_{i:04d}.jpg")
+        files[-1].write_bytes(data)
+    return files
 
 
 def synchronize(device: torch.device) -> None:

@@ -41,7 +41,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import jpeg_pool, machine_summary, synchronize  # noqa: E402
+from synthetic import (  # noqa: E402
+    jpeg_pool,
+    link_or_copy,
+    machine_summary,
+    synchronize,
+    write_pool,
+)
 
 from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
 from vprlib.losses import get_loss, get_miner  # noqa: E402
@@ -65,10 +71,12 @@ SMALL_MODES = "cpu,mixed:2,gpu"
 
 
 def make_gsv_tree(root: Path, places: int, img_per_place: int, pool: list[bytes]) -> None:
-    """A GSV-Cities layout (one city) of places x img_per_place JPEGs copied from `pool`."""
+    """A GSV-Cities layout (one city) of places x img_per_place JPEGs linked (or copied) from
+    `pool`, whose files are written once under root/pool."""
     rows = []
     folder = root / "Images" / CITY
     folder.mkdir(parents=True)
+    pool_files = write_pool(root / "pool", pool)
     for p in range(places):
         for j in range(img_per_place):
             row = {
@@ -81,7 +89,7 @@ def make_gsv_tree(root: Path, places: int, img_per_place: int, pool: list[bytes]
                 "lon": round(7.0 + j * 1e-5, 7),
                 "panoid": f"b{p:07d}_{j:03d}".ljust(22, "x"),
             }
-            (folder / gsv_filename(row)).write_bytes(pool[(p * img_per_place + j) % len(pool)])
+            link_or_copy(pool_files, p * img_per_place + j, folder / gsv_filename(row))
             rows.append(row)
     (root / "Dataframes").mkdir()
     pd.DataFrame(rows).to_csv(root / "Dataframes" / f"{CITY}.csv", index=False)
@@ -90,12 +98,12 @@ def make_gsv_tree(root: Path, places: int, img_per_place: int, pool: list[bytes]
 def ensure_gsv_tree(root: Path, places: int, img_per_place: int, pool_size: int) -> None:
     """Build the tree in `root` unless a tree of the same size is already there. Only a
     folder this script made (with its bench_tree.json) is ever emptied."""
-    spec = {"places": places, "img_per_place": img_per_place, "pool": pool_size, "v": 1}
+    spec = {"places": places, "img_per_place": img_per_place, "pool": pool_size, "v": 2}
     marker = root / "bench_tree.json"
     if marker.is_file():
         if json.loads(marker.read_text()) == spec:
             return
-        for sub in ("Images", "Dataframes"):
+        for sub in ("Images", "Dataframes", "pool"):
             shutil.rmtree(root / sub, ignore_errors=True)
     elif root.is_dir() and any(root.iterdir()):
         raise SystemExit(f"--data-dir {root} is not empty and was not made by this script")
@@ -177,19 +185,19 @@ def parse_mode(mode: str) -> dict:
 
 
 def run_pipeline(args, device, dataset, loader, sampler, epoch: int, trainer=None) -> float:
-    """Images/s over args.steps batches after args.warmup_steps of one epoch of `loader`,
+    """Images/s over args.steps batches after args.pipeline_warmup of one epoch of `loader`,
     through `device_batches` as fit runs it, with train_step when `trainer` is given."""
     sampler.set_epoch(epoch)
     batches = device_batches(loader, dataset, device, args.channels_last, args.prefetch)
     images, t0 = 0, None
     with contextlib.closing(batches):
         for i, (x, labels) in enumerate(batches):
-            if i == args.warmup_steps:
+            if i == args.pipeline_warmup:
                 synchronize(device)
                 t0 = time.perf_counter()
             if trainer is not None:
                 trainer.step(x, labels)
-            if i >= args.warmup_steps:
+            if i >= args.pipeline_warmup:
                 images += labels.numel()
         synchronize(device)
     return images / (time.perf_counter() - t0)
@@ -207,7 +215,7 @@ def measure_mode(args, device, root: Path, mode: str, index: int, trainer: Train
         index,
         args.num_workers,
         device,
-        max_steps_per_epoch=args.warmup_steps + args.steps,
+        max_steps_per_epoch=args.pipeline_warmup + args.steps,
     )
     try:
         pipeline = run_pipeline(args, device, dataset, loader, sampler, epoch=0)
@@ -230,7 +238,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--places-per-batch", type=int, default=None)
     p.add_argument("--img-per-place", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
-    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="untimed steps first (pipelines: at least 2 x workers + prefetch + 1)",
+    )
     p.add_argument("--num-workers", type=int, default=None, help="default: fit's default")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
@@ -247,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "backbone": "resnet18" if small else "resnet50",
         "image_size": [64, 64] if small else [320, 320],
         "places_per_batch": 4 if small else 100,
-        "steps": 2 if small else 30,
+        "steps": 2 if small else 40,
         "warmup_steps": 1 if small else 8,
         "modes": SMALL_MODES if small else FULL_MODES,
         "pool": 8 if small else 256,
@@ -263,6 +276,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.compile = args.compile == "on" or (args.compile == "auto" and on_cuda)
     args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda)
     args.prefetch = (1 if on_cuda else 0) if args.prefetch is None else args.prefetch
+    # Batches the workers can have ready when timing starts: all workers start together and
+    # each holds up to 2 (DataLoader's prefetch_factor), + the device prefetch. Timing only
+    # after that many keeps the start-up backlog from flattering the pipeline.
+    args.pipeline_warmup = max(args.warmup_steps, 2 * args.num_workers + args.prefetch + 1)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
         parse_mode(mode)
@@ -273,12 +290,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = args.device
     p, k = args.places_per_batch, args.img_per_place
-    places = (args.warmup_steps + args.steps) * p
+    places = (args.pipeline_warmup + args.steps) * p
     print(f"device: {machine_summary(device)}")
     print(
         f"settings: {args.backbone} crop {args.layers_to_crop}, "
         f"{args.image_size[0]}x{args.image_size[1]}, {p} places x {k} images, "
-        f"{args.warmup_steps} warm-up + {args.steps} timed steps, precision {args.precision}, "
+        f"{args.pipeline_warmup} warm-up + {args.steps} timed steps, precision {args.precision}, "
         f"compile {args.compile}, channels_last {args.channels_last}, "
         f"workers {args.num_workers}, prefetch {args.prefetch}",
         flush=True,

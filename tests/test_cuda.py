@@ -1,0 +1,155 @@
+"""The CUDA paths, checked against the CPU on a machine with a GPU (issue 8).
+
+CI has no GPU, so these are skipped there; `bench/gpu_check.sh` runs them on a GPU machine
+(bench/RESULTS.md records the outcome). They check what the CPU tests cannot: nvJPEG decoding
+and the device resize/RandAugment agree with the CPU path, RandAugment stays per image on the
+device, fit's CUDA defaults (bf16, channels_last, torch.compile, side-stream prefetch, pinned
+memory) train, the fp16 GradScaler path trains, and extraction on the GPU (bf16, nvJPEG)
+gives the CPU's descriptors.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import vprlib
+from vprlib import gsv_cities as G
+from vprlib import train as TR
+from vprlib.evaluate import extract_descriptors
+from vprlib.transforms import apply_plans
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings(
+        "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+    ),
+]
+
+SIZE = (64, 80)
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+def level_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| of two uint8 batches, in grey levels, on the CPU."""
+    assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape
+    return (a.cpu().int() - b.cpu().int()).abs().float()
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize(("decode", "gpu_images"), [("gpu", None), ("mixed", 0), ("mixed", 2)])
+def test_device_decode_and_augment_match_the_cpu(gsv_root, decode, gpu_images, augment):
+    ds = G.GSVCitiesDataset(
+        gsv_root, image_size=SIZE, decode=decode, gpu_images=gpu_images, augment=augment, seed=5
+    )
+    enc, _ = ds.collate_fn([ds[i] for i in range(6)])
+    on_cpu = ds._finish_on_device(enc, CPU)
+    on_gpu = ds._finish_on_device(enc, CUDA)
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == (24, 3, *SIZE)
+    diff = level_differences(on_gpu, on_cpu)
+    # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): a level or two
+    # on most pixels; a geometric op can move an edge by a pixel, so a few pixels differ more
+    assert diff.mean() < 1.5, f"mean difference {diff.mean():.2f} levels"
+    assert (diff > 24).float().mean() < 0.02, f"{(diff > 24).float().mean():.3%} pixels differ"
+    x = ds.batch_to_device(enc, CUDA, channels_last=True)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_device_randaugment_stays_per_image(gsv_root):
+    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=True, seed=1)
+    enc, _ = ds.collate_fn([ds[i] for i in range(8)])
+    plain = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=False, seed=1)
+    raw, _ = plain.collate_fn([plain[i] for i in range(8)])
+    images = plain._finish_on_device(raw, CUDA)  # decoded + resized, not augmented
+    plans = enc.plans.reshape(len(images), *enc.plans.shape[-2:])
+    assert len({tuple(map(tuple, p.tolist())) for p in plans}) > len(plans) // 2
+    together = apply_plans(images, plans.to(CUDA), ds.interpolation)
+    one_by_one = torch.cat(
+        [
+            apply_plans(images[i : i + 1], plans[i : i + 1].to(CUDA), ds.interpolation)
+            for i in range(len(images))
+        ]
+    )
+    assert torch.equal(together, one_by_one)
+    assert torch.equal(together, ds._finish_on_device(enc, CUDA))
+
+
+def tiny_model() -> vprlib.VPRModel:
+    torch.manual_seed(0)
+    return vprlib.VPRModel(
+        "resnet18", layers_to_crop=(4,), agg="convap", agg_config={"out_channels": 32}
+    )
+
+
+def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="mixed", seed=0)
+    history = TR.fit(
+        model,
+        ds,
+        epochs=2,
+        places_per_batch=8,
+        num_workers=2,
+        progress=False,
+        max_steps_per_epoch=2,
+        warmup_steps=1,
+        val=bench_root / "gsv_sample",
+        checkpoint_dir=tmp_path,
+    )  # device, precision (bf16), compile, channels_last and prefetch all left at "auto"
+    assert history["steps"].tolist() == [2, 4]
+    assert np.isfinite(history["loss"]).all() and (history["images_per_s"] > 0).all()
+    assert history["gsv_sample_R@1"].between(0, 1).all()
+    assert next(model.parameters()).device.type == "cuda"
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in before)
+    assert (tmp_path / "last.ckpt").is_file() and (tmp_path / "best.ckpt").is_file()
+    resumed = tiny_model()
+    more = TR.fit(
+        resumed,
+        ds,
+        epochs=3,
+        places_per_batch=8,
+        num_workers=0,
+        progress=False,
+        max_steps_per_epoch=2,
+        warmup_steps=1,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        compile=False,
+    )
+    assert more["steps"].tolist()[-1] == 6
+
+
+def test_fit_fp16_with_grad_scaler(gsv_root):
+    model = tiny_model()
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=0)
+    history = TR.fit(
+        model,
+        ds,
+        epochs=1,
+        places_per_batch=8,
+        num_workers=1,
+        progress=False,
+        max_steps_per_epoch=3,
+        precision="fp16",
+        compile=False,
+        optimizer="adamw",
+        lr=1e-4,
+    )
+    assert np.isfinite(history["loss"]).all() and history["steps"].tolist() == [3]
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
+    bench = vprlib.load_benchmark(bench_root / "gsv_sample")
+    model = tiny_model().eval()
+    paths = bench.db_paths[:24]
+    kw = dict(batch_size=8, progress=False, image_size=SIZE, num_workers=2)
+    on_cpu = extract_descriptors(model, paths, device="cpu", **kw)
+    on_gpu = extract_descriptors(model, paths, device="cuda", gpu_decode=gpu_decode, **kw)
+    assert on_gpu.dtype == np.float32 and on_gpu.shape == on_cpu.shape
+    cosine = (on_cpu * on_gpu).sum(1) / (
+        np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(on_gpu, axis=1)
+    )
+    assert cosine.min() > 0.99, cosine.min()  # bf16 autocast on the GPU, fp32 on the CPU
