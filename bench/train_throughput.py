@@ -54,12 +54,12 @@ from vprlib.losses import get_loss, get_miner  # noqa: E402
 from vprlib.models import VPRModel  # noqa: E402
 from vprlib.train import (  # noqa: E402
     default_num_workers,
-    device_batches,
     make_loader,
     make_optimizer,
     resolve_precision,
     train_step,
 )
+from vprlib.transforms import prefetch_to_device  # noqa: E402
 
 CITY = "Bench"
 FULL_MODES = "cpu,mixed:0,mixed:1,mixed:2,gpu"
@@ -174,56 +174,135 @@ def model_only(trainer: Trainer, args, device: torch.device) -> float:
     return args.steps * p * k / (time.perf_counter() - t0)
 
 
-def parse_mode(mode: str) -> dict:
-    """'cpu' | 'gpu' | 'mixed:N' -> GSVCitiesDataset keyword arguments."""
+def parse_mode(spec: str) -> dict:
+    """An input path, 'cpu' | 'gpu' | 'mixed:N', optionally followed by '/wW' (W DataLoader
+    workers), '/pD' (device prefetch depth D) and '/noaug' (no RandAugment), e.g.
+    'mixed:2/w14/p2' -> {"dataset": GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2}."""
+    mode, *options = spec.split("/")
+    out: dict = {"dataset": {}, "workers": None, "prefetch": None}
     if mode in ("cpu", "gpu"):
-        return {"decode": mode}
-    name, _, n = mode.partition(":")
-    if name == "mixed" and n.isdigit():
-        return {"decode": "mixed", "gpu_images": int(n)}
-    raise ValueError(f"unknown mode {mode!r}: use cpu, gpu or mixed:N (N images per place)")
+        out["dataset"]["decode"] = mode
+    elif mode.startswith("mixed:") and mode[6:].isdigit():
+        out["dataset"].update(decode="mixed", gpu_images=int(mode[6:]))
+    else:
+        raise ValueError(f"unknown mode {spec!r}: use cpu, gpu or mixed:N (N images per place)")
+    for option in options:
+        if option == "noaug":
+            out["dataset"]["augment"] = False
+        elif option[:1] in ("w", "p") and option[1:].isdigit():
+            out["workers" if option[0] == "w" else "prefetch"] = int(option[1:])
+        else:
+            raise ValueError(f"unknown option {option!r} in {spec!r}: use /wN, /pN or /noaug")
+    return out
 
 
-def run_pipeline(args, device, dataset, loader, sampler, epoch: int, trainer=None) -> float:
-    """Images/s over args.steps batches after args.pipeline_warmup of one epoch of `loader`,
-    through `device_batches` as fit runs it, with train_step when `trainer` is given."""
+class Probe:
+    """The DataLoader side of fit's input pipeline (`device_batches`), instrumented: per batch,
+    the time the prefetch thread waited for the workers, its host time preparing the batch on
+    the device, and that preparation's span on the device's stream (CUDA events)."""
+
+    def __init__(self, loader, dataset, device: torch.device, channels_last: bool):
+        self.iterator = iter(loader)  # made here: a DataLoader iterator wants the main thread
+        self.dataset, self.device, self.channels_last = dataset, device, channels_last
+        self.wait, self.host, self.events = [], [], []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        batch = next(self.iterator)
+        self.wait.append(time.perf_counter() - t)
+        return batch
+
+    def to_device(self, batch):
+        images, labels = batch
+        t = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        x = self.dataset.batch_to_device(images, self.device, channels_last=self.channels_last)
+        labels = labels.reshape(-1).to(self.device, non_blocking=True)
+        if cuda:
+            end.record()
+            self.events.append((begin, end))
+        self.host.append(time.perf_counter() - t)
+        return x, labels
+
+    def summary(self, first: int, count: int) -> dict:
+        """Mean milliseconds per batch over batches first .. first + count - 1."""
+
+        def ms(values):
+            part = values[first : first + count]
+            return 1e3 * float(np.mean(part)) if part else float("nan")
+
+        gpu = [b.elapsed_time(e) / 1e3 for b, e in self.events]
+        return {"wait_ms": ms(self.wait), "host_ms": ms(self.host), "gpu_ms": ms(gpu)}
+
+
+def pipeline_warmup(args, workers: int, prefetch: int) -> int:
+    """Untimed batches before a pipeline measurement: all workers start together and each
+    holds up to 2 batches (DataLoader's prefetch_factor), + the device prefetch. Timing only
+    after that backlog is consumed keeps it from flattering the pipeline."""
+    return max(args.warmup_steps, 2 * workers + prefetch + 1)
+
+
+def run_pipeline(args, device, dataset, loader, sampler, epoch, prefetch, warmup, trainer=None):
+    """Images/s over args.steps batches after `warmup` batches of one epoch of `loader`,
+    through the same DataLoader -> prefetch_to_device -> batch_to_device path as fit, with
+    train_step when `trainer` is given; plus the Probe's breakdown and the main process's CPU
+    use (cores busy: its threads' CPU time / wall time) over the timed batches."""
     sampler.set_epoch(epoch)
-    batches = device_batches(loader, dataset, device, args.channels_last, args.prefetch)
-    images, t0 = 0, None
+    probe = Probe(loader, dataset, device, args.channels_last)
+    batches = prefetch_to_device(probe, probe.to_device, device, prefetch)
+    images, t0, cpu0 = 0, None, None
     with contextlib.closing(batches):
         for i, (x, labels) in enumerate(batches):
-            if i == args.pipeline_warmup:
+            if i == warmup:
                 synchronize(device)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
             if trainer is not None:
                 trainer.step(x, labels)
-            if i >= args.pipeline_warmup:
+            if i >= warmup:
                 images += labels.numel()
         synchronize(device)
-    return images / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    cores = (time.process_time() - cpu0) / wall
+    return {"img_s": images / wall, "cores": cores, **probe.summary(warmup, args.steps)}
 
 
-def measure_mode(args, device, root: Path, mode: str, index: int, trainer: Trainer) -> dict:
+def measure_mode(args, device, root: Path, spec: str, index: int, trainer: Trainer) -> dict:
     """Pipeline-only and end-to-end images/s of one input path. One DataLoader (persistent
     workers, as in fit) serves both, one epoch each; its workers end before the next mode."""
+    mode = parse_mode(spec)
+    workers = args.num_workers if mode["workers"] is None else mode["workers"]
+    prefetch = args.prefetch if mode["prefetch"] is None else mode["prefetch"]
+    warmup = pipeline_warmup(args, workers, prefetch)
     dataset = GSVCitiesDataset(
-        root, img_per_place=args.img_per_place, image_size=args.image_size, **parse_mode(mode)
+        root, img_per_place=args.img_per_place, image_size=args.image_size, **mode["dataset"]
     )
     loader, sampler = make_loader(
         dataset,
         args.places_per_batch,
         index,
-        args.num_workers,
+        workers,
         device,
-        max_steps_per_epoch=args.pipeline_warmup + args.steps,
+        max_steps_per_epoch=warmup + args.steps,
     )
     try:
-        pipeline = run_pipeline(args, device, dataset, loader, sampler, epoch=0)
-        e2e = run_pipeline(args, device, dataset, loader, sampler, epoch=1, trainer=trainer)
+        pipeline = run_pipeline(args, device, dataset, loader, sampler, 0, prefetch, warmup)
+        e2e = run_pipeline(args, device, dataset, loader, sampler, 1, prefetch, warmup, trainer)
     finally:
         del loader, sampler
         gc.collect()  # shuts the persistent workers down
-    return {"mode": mode, "pipeline": pipeline, "e2e": e2e}
+    return {
+        "mode": spec,
+        "pipeline": pipeline["img_s"],
+        "e2e": e2e["img_s"],
+        "pipeline_probe": pipeline,
+        "e2e_probe": e2e,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -276,13 +355,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.compile = args.compile == "on" or (args.compile == "auto" and on_cuda)
     args.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda)
     args.prefetch = (1 if on_cuda else 0) if args.prefetch is None else args.prefetch
-    # Batches the workers can have ready when timing starts: all workers start together and
-    # each holds up to 2 (DataLoader's prefetch_factor), + the device prefetch. Timing only
-    # after that many keeps the start-up backlog from flattering the pipeline.
-    args.pipeline_warmup = max(args.warmup_steps, 2 * args.num_workers + args.prefetch + 1)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in args.modes:
-        parse_mode(mode)
+    args.pipeline_warmup = 0  # the most any mode needs: the tree must hold that many batches
+    for spec in args.modes:
+        mode = parse_mode(spec)
+        workers = args.num_workers if mode["workers"] is None else mode["workers"]
+        prefetch = args.prefetch if mode["prefetch"] is None else mode["prefetch"]
+        args.pipeline_warmup = max(args.pipeline_warmup, pipeline_warmup(args, workers, prefetch))
     return args
 
 
@@ -295,7 +374,8 @@ def main(argv=None) -> dict:
     print(
         f"settings: {args.backbone} crop {args.layers_to_crop}, "
         f"{args.image_size[0]}x{args.image_size[1]}, {p} places x {k} images, "
-        f"{args.pipeline_warmup} warm-up + {args.steps} timed steps, precision {args.precision}, "
+        f"<= {args.pipeline_warmup} warm-up + {args.steps} timed steps, "
+        f"precision {args.precision}, "
         f"compile {args.compile}, channels_last {args.channels_last}, "
         f"workers {args.num_workers}, prefetch {args.prefetch}",
         flush=True,
@@ -333,13 +413,23 @@ def main(argv=None) -> dict:
             tmp.cleanup()
     reference = max(first, last)
     print()
-    print(f"{'path':<10} {'pipeline img/s':>15} {'end-to-end img/s':>17} {'ratio e2e/model':>16}")
-    print(f"{'model':<10} {'-':>15} {reference:>17.0f} {1.0:>16.2f}")
+    print(f"{'path':<16} {'pipeline img/s':>15} {'end-to-end img/s':>17} {'ratio e2e/model':>16}")
+    print(f"{'model':<16} {'-':>15} {reference:>17.0f} {1.0:>16.2f}")
     for row in rows:
         row["ratio"] = row["e2e"] / reference
         print(
-            f"{row['mode']:<10} {row['pipeline']:>15.0f} {row['e2e']:>17.0f} {row['ratio']:>16.2f}"
+            f"{row['mode']:<16} {row['pipeline']:>15.0f} {row['e2e']:>17.0f} {row['ratio']:>16.2f}"
         )
+    print()
+    print("per batch, timed part (pipeline alone | end to end): wait = prefetch thread waiting")
+    print("for the workers, host/gpu = preparing the batch on the device (host time | span on its")
+    print("stream), cores = main-process CPU time / wall time")
+    print(f"{'path':<16} {'wait ms':>15} {'host ms':>15} {'gpu ms':>15} {'cores':>11}")
+    for row in rows:
+        a, b = row["pipeline_probe"], row["e2e_probe"]
+        cells = [f"{a[key]:>6.1f} |{b[key]:>6.1f}" for key in ("wait_ms", "host_ms", "gpu_ms")]
+        cores = f"{a['cores']:>4.1f} |{b['cores']:>4.1f}"
+        print(f"{row['mode']:<16} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cores:>11}")
     best = max(rows, key=lambda r: r["ratio"])
     verdict = "met" if best["ratio"] >= 0.85 else "MISSED"
     if device.type != "cuda":
