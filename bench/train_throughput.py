@@ -15,7 +15,10 @@ Builds (in a temporary folder, or --data-dir) a GSV-Cities tree of 640x480 JPEGs
 Input paths: "cpu" (workers decode, resize and RandAugment; the device normalises),
 "mixed:N" (workers decode and resize K - N images per place, nvJPEG decodes N on the device,
 RandAugment runs on the device; "mixed:0" = CPU decode + device augmentation), "gpu" (workers
-read bytes; the device decodes, resizes, augments). Full-size defaults: ResNet50 cropped at
+read bytes; the device decodes, resizes, augments). The default CUDA path (decode="auto") is
+"mixed:K//2"; the verdict is given for it. A path may carry options: "/wN" (N workers),
+"/pN" (prefetch depth N), "/noaug" (no RandAugment), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
+A second table breaks each batch down (see `Probe`). Full-size defaults: ResNet50 cropped at
 layer4 + Conv-AP, 320x320, 100 places x 4 images, bf16 autocast, channels_last and
 torch.compile on CUDA. Model-only is measured before and after the input paths and the ratio
 uses the faster of the two (so drift cannot flatter the pipeline).
@@ -62,7 +65,7 @@ from vprlib.train import (  # noqa: E402
 from vprlib.transforms import prefetch_to_device  # noqa: E402
 
 CITY = "Bench"
-FULL_MODES = "cpu,mixed:0,mixed:1,mixed:2,gpu"
+FULL_MODES = "cpu,mixed:0,mixed:2,mixed:3,gpu"
 SMALL_MODES = "cpu,mixed:2,gpu"
 
 
@@ -431,10 +434,16 @@ def main(argv=None) -> dict:
         cores = f"{a['cores']:>4.1f} |{b['cores']:>4.1f}"
         print(f"{row['mode']:<16} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cores:>11}")
     best = max(rows, key=lambda r: r["ratio"])
-    verdict = "met" if best["ratio"] >= 0.85 else "MISSED"
+    # what GSVCitiesDataset(decode="auto") picks on this device, with fit's other defaults
+    default = "mixed:" + str(k // 2) if device.type == "cuda" else "cpu"
+    judged = next((r for r in rows if r["mode"] == default), best)
+    verdict = "met" if judged["ratio"] >= 0.85 else "MISSED"
     if device.type != "cuda":
         verdict += "; the goal is for a GPU, this ran on the CPU"
-    print(f"best: {best['mode']} at {best['ratio']:.2f} of model-only (goal >= 0.85: {verdict})")
+    print(
+        f"best: {best['mode']} at {best['ratio']:.2f} of model-only; the default path "
+        f"({judged['mode']}) at {judged['ratio']:.2f} (goal >= 0.85: {verdict})"
+    )
     result = {
         "device": machine_summary(device),
         "settings": {

@@ -84,7 +84,8 @@ def tiny_model() -> vprlib.VPRModel:
 def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="mixed", seed=0)
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=0)
+    assert ds.decode == "mixed" and ds.gpu_images == 2  # decode="auto" on CUDA
     history = TR.fit(
         model,
         ds,
@@ -140,7 +141,7 @@ def test_fit_fp16_with_grad_scaler(gsv_root):
     assert np.isfinite(history["loss"]).all() and history["steps"].tolist() == [3]
 
 
-@pytest.mark.parametrize("gpu_decode", [False, True])
+@pytest.mark.parametrize("gpu_decode", [False, True, None])
 def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
     bench = vprlib.load_benchmark(bench_root / "gsv_sample")
     model = tiny_model().eval()
@@ -153,3 +154,6 @@ def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
         np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(on_gpu, axis=1)
     )
     assert cosine.min() > 0.99, cosine.min()  # bf16 autocast on the GPU, fp32 on the CPU
+    if gpu_decode is None:  # the default decodes the .jpg files with nvJPEG on CUDA
+        nvjpeg = extract_descriptors(model, paths, device="cuda", gpu_decode=True, **kw)
+        assert np.array_equal(on_gpu, nvjpeg)

@@ -13,6 +13,7 @@ import vprlib
 from vprlib.benchmarks import Benchmark, load_benchmark
 from vprlib.evaluate import (
     EvalResults,
+    auto_gpu_decode,
     correct_matrix,
     evaluate_descriptors,
     extract_descriptors,
@@ -192,6 +193,15 @@ def test_memmap_output_equals_in_memory(sample, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.npy"]  # no temporary left
     with pytest.raises(ValueError, match=r"\.npy"):
         extract_descriptors(model, paths, num_workers=0, progress=False, out_path=tmp_path / "x")
+
+
+def test_gpu_decode_default_is_cuda_and_jpeg_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert auto_gpu_decode(None, cuda, ["a/b.jpg", "c.JPEG"]) is True
+    assert auto_gpu_decode(None, cuda, ["a/b.jpg", "c.png"]) is False  # nvJPEG: JPEG only
+    assert auto_gpu_decode(None, cpu, ["a/b.jpg"]) is False
+    assert auto_gpu_decode(False, cuda, ["a.jpg"]) is False
+    assert auto_gpu_decode(True, cpu, ["a.png"]) is True  # an explicit choice is kept
 
 
 def test_gpu_decode_path_on_cpu_matches(sample):

@@ -83,7 +83,7 @@ def test_pack_bytes_round_trip():
 @pytest.mark.parametrize("augment", [True, False])
 def test_mixed_and_gpu_decode_equal_the_cpu_path(gsv_root, augment):
     kw = dict(image_size=SIZE, augment=augment, seed=3)
-    cpu = G.GSVCitiesDataset(gsv_root, **kw)
+    cpu = G.GSVCitiesDataset(gsv_root, decode="cpu", **kw)
     batch, labels = cpu.collate_fn([cpu[i] for i in range(5)])
     want = cpu.batch_to_device(batch, "cpu")
     for decode, gpu_images in [("gpu", None), ("mixed", 0), ("mixed", 1), ("mixed", None)]:
@@ -119,8 +119,22 @@ def test_decode_options_are_checked(gsv_root):
         G.GSVCitiesDataset(gsv_root, decode="mixed", gpu_images=5)
     with pytest.raises(ValueError, match="pass augment=, not transform="):
         G.GSVCitiesDataset(gsv_root, decode="mixed", transform=lambda x: x)
-    with pytest.raises(ValueError, match="'cpu', 'gpu' or 'mixed'"):
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'gpu' or 'mixed'"):
         G.GSVCitiesDataset(gsv_root, decode="nvjpeg")
+    with pytest.raises(ValueError, match="pass decode='mixed'"):
+        G.GSVCitiesDataset(gsv_root, decode="auto", gpu_images=1)
+
+
+def test_auto_decode_picks_mixed_on_cuda_only(gsv_root, monkeypatch):
+    assert G.GSVCitiesDataset(gsv_root).decode == ("mixed" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert G.GSVCitiesDataset(gsv_root).decode == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE)
+    assert ds.decode == "mixed" and ds.gpu_images == 2 and "decode='mixed'" in repr(ds)
+    own = G.GSVCitiesDataset(gsv_root, transform=lambda x: x)  # a CPU transform keeps "cpu"
+    assert own.decode == "cpu"
+    assert train_cli.build_parser().parse_args([]).decode == "auto"
 
 
 class Batches:

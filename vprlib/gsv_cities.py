@@ -11,7 +11,8 @@ On disk (see data/README.md)::
 relative to the root, as it exists on disk (.jpg or .JPG).
 
 `GSVCitiesDataset` yields one place per item: K images of the place and K equal labels.
-Loading path (CPU, the default), chosen by measurement (bench/loader.py):
+Loading path on a machine without a GPU (decode="cpu"), chosen by measurement
+(bench/loader.py):
 - bytes are read with torchvision.io.read_file and decoded with libjpeg-turbo
   (torchvision.io.decode_jpeg) straight into a uint8 tensor, with no PIL object;
 - resizing runs on uint8 (antialiased bilinear has a vectorised uint8 kernel), then
@@ -24,7 +25,8 @@ two while keeping both sides >= the target, so 640x480 -> 320x320 decodes at ful
 On one core this path gives about 2x the images/s of the reference PIL pipeline.
 
 On a GPU, RandAugment costs more CPU time than decoding (about 2x on one core), so two
-more modes move work to the device (bench/train_throughput.py compares them):
+more modes move work to the device (bench/train_throughput.py compares them; decode="auto",
+the default, picks "mixed" where CUDA is available):
 - decode="gpu": the workers only read the JPEG bytes; `batch_to_device` decodes the batch
   with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")), resizes and augments it on
   the GPU, so the CPU is no longer the bottleneck;
@@ -578,7 +580,9 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     the JPEG bytes and `batch_to_device` decodes, resizes and augments on the device;
     decode="mixed": the workers decode and resize K - gpu_images images per place (default
     gpu_images = K // 2), the device decodes the rest and augments all (see the module
-    docstring). Use `collate_fn` in the DataLoader and `batch_to_device` on each batch.
+    docstring). decode="auto" (default) is "mixed" where a CUDA GPU is present and "cpu"
+    elsewhere (or when `transform` is given); `ds.decode` tells which was picked. All modes
+    give the same images on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in the DataLoader and `batch_to_device` on each batch.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
     image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
     filtered read_gsv_dataframes table; needs `place` and `path`). Copies of the dataset in
@@ -595,7 +599,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         image_size=(320, 320),
         transform=None,
         seed: int = 0,
-        decode: str = "cpu",
+        decode: str = "auto",
         augment: bool = True,
         interpolation: str = "bilinear",
         on_corrupt: str = "error",
@@ -607,8 +611,12 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
                 f"need 1 <= img_per_place <= min_img_per_place, got {img_per_place} and "
                 f"{min_img_per_place}"
             )
-        if decode not in ("cpu", "gpu", "mixed"):
-            raise ValueError(f"decode must be 'cpu', 'gpu' or 'mixed', got {decode!r}")
+        if decode not in ("auto", "cpu", "gpu", "mixed"):
+            raise ValueError(f"decode must be 'auto', 'cpu', 'gpu' or 'mixed', got {decode!r}")
+        if decode == "auto":
+            if gpu_images is not None:
+                raise ValueError("gpu_images applies to decode='mixed' only: pass decode='mixed'")
+            decode = resolve_decode(transform)
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
         if decode != "cpu" and transform is not None:
@@ -783,6 +791,14 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         if images.plans is not None:
             batch = apply_plans(batch, images.plans, self.interpolation)
         return batch
+
+
+def resolve_decode(transform=None) -> str:
+    """What decode="auto" picks: "mixed" when a CUDA GPU is present (and no custom CPU
+    `transform` is given), else "cpu". On an H200 with 16 CPU cores, training ResNet50 +
+    Conv-AP at 320x320, "mixed" (K // 2 images per place decoded by nvJPEG) ran end to end at
+    5,500 img/s, "gpu" at 5,250 and "cpu" at 2,100 (bench/RESULTS.md, 2026-11-26)."""
+    return "mixed" if transform is None and torch.cuda.is_available() else "cpu"
 
 
 def _gpu_images(decode: str, gpu_images: int | None, k: int) -> int:

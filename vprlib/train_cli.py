@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", nargs=2, type=int, default=[320, 320], metavar=("H", "W"))
     d.add_argument("--img-per-place", type=int, default=4)
     d.add_argument("--min-img-per-place", type=int, default=4)
-    d.add_argument("--decode", choices=("cpu", "gpu"), default="cpu")
+    d.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu", "mixed"),
+        default="auto",
+        help="where JPEGs are decoded and augmented (auto: mixed on CUDA, else cpu)",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet50")
     m.add_argument(
