@@ -85,7 +85,7 @@ def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=0)
-    assert ds.decode == "mixed" and ds.gpu_images == 2  # decode="auto" on CUDA
+    assert ds.for_device(CUDA).decode == "mixed"  # what fit trains with (decode="auto")
     history = TR.fit(
         model,
         ds,
@@ -97,7 +97,7 @@ def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
         warmup_steps=1,
         val=bench_root / "gsv_sample",
         checkpoint_dir=tmp_path,
-    )  # device, precision (bf16), compile, channels_last and prefetch all left at "auto"
+    )  # decode, device, precision (bf16), compile, channels_last, prefetch: all "auto"
     assert history["steps"].tolist() == [2, 4]
     assert np.isfinite(history["loss"]).all() and (history["images_per_s"] > 0).all()
     assert history["gsv_sample_R@1"].between(0, 1).all()

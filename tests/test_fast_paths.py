@@ -125,16 +125,44 @@ def test_decode_options_are_checked(gsv_root):
         G.GSVCitiesDataset(gsv_root, decode="auto", gpu_images=1)
 
 
-def test_auto_decode_picks_mixed_on_cuda_only(gsv_root, monkeypatch):
-    assert G.GSVCitiesDataset(gsv_root).decode == ("mixed" if torch.cuda.is_available() else "cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert G.GSVCitiesDataset(gsv_root).decode == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE)
-    assert ds.decode == "mixed" and ds.gpu_images == 2 and "decode='mixed'" in repr(ds)
-    own = G.GSVCitiesDataset(gsv_root, transform=lambda x: x)  # a CPU transform keeps "cpu"
-    assert own.decode == "cpu"
+def test_auto_decode_is_cpu_items_and_mixed_for_fit_on_cuda(gsv_root, monkeypatch):
+    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=2)
+    assert ds.decode == "cpu" and ds.auto_decode and "decode='auto'" in repr(ds)
+    images, _ = ds[0]
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, *SIZE)  # plain items
+    assert ds.for_device("cpu") is ds
+    fast = ds.for_device("cuda")
+    assert fast is not ds and fast.decode == "mixed" and fast.gpu_images == 2
+    assert ds.decode == "cpu" and ds[0][0].dtype == torch.uint8  # the original is unchanged
+    enc, _ = fast.collate_fn([fast[i] for i in range(3)])
+    want, _ = ds.collate_fn([ds[i] for i in range(3)])
+    assert torch.equal(fast.batch_to_device(enc, "cpu"), ds.batch_to_device(want, "cpu"))
+    for explicit in (
+        G.GSVCitiesDataset(gsv_root, decode="cpu"),
+        G.GSVCitiesDataset(gsv_root, decode="gpu"),
+        G.GSVCitiesDataset(gsv_root, transform=lambda x: x),  # a custom CPU transform
+    ):
+        assert explicit.for_device("cuda") is explicit
     assert train_cli.build_parser().parse_args([]).decode == "auto"
+
+
+def test_fit_trains_with_the_dataset_for_its_device(gsv_root, monkeypatch):
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32))
+    seen = []
+    monkeypatch.setattr(
+        G.GSVCitiesDataset, "for_device", lambda self, device: seen.append(device) or self
+    )
+    TR.fit(
+        tiny_model(),
+        ds,
+        epochs=1,
+        places_per_batch=4,
+        num_workers=0,
+        progress=False,
+        max_steps_per_epoch=1,
+        device="cpu",
+    )
+    assert seen == [torch.device("cpu")]
 
 
 class Batches:

@@ -25,8 +25,8 @@ two while keeping both sides >= the target, so 640x480 -> 320x320 decodes at ful
 On one core this path gives about 2x the images/s of the reference PIL pipeline.
 
 On a GPU, RandAugment costs more CPU time than decoding (about 2x on one core), so two
-more modes move work to the device (bench/train_throughput.py compares them; decode="auto",
-the default, picks "mixed" where CUDA is available):
+more modes move work to the device (bench/train_throughput.py compares them; with
+decode="auto", the default, `fit` trains with "mixed" on a CUDA device):
 - decode="gpu": the workers only read the JPEG bytes; `batch_to_device` decodes the batch
   with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")), resizes and augments it on
   the GPU, so the CPU is no longer the bottleneck;
@@ -47,6 +47,7 @@ resumed training exact. Call `set_epoch(epoch)` at the start of each epoch.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -580,9 +581,9 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     the JPEG bytes and `batch_to_device` decodes, resizes and augments on the device;
     decode="mixed": the workers decode and resize K - gpu_images images per place (default
     gpu_images = K // 2), the device decodes the rest and augments all (see the module
-    docstring). decode="auto" (default) is "mixed" where a CUDA GPU is present and "cpu"
-    elsewhere (or when `transform` is given); `ds.decode` tells which was picked. All modes
-    give the same images on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in the DataLoader and `batch_to_device` on each batch.
+    docstring). decode="auto" (default) behaves as "cpu" (items are uint8 images) and lets
+    `fit` switch to "mixed" on a CUDA device (`for_device`). All modes give the same images
+    on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in the DataLoader and `batch_to_device` on each batch.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
     image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
     filtered read_gsv_dataframes table; needs `place` and `path`). Copies of the dataset in
@@ -613,17 +614,14 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
             )
         if decode not in ("auto", "cpu", "gpu", "mixed"):
             raise ValueError(f"decode must be 'auto', 'cpu', 'gpu' or 'mixed', got {decode!r}")
-        if decode == "auto":
-            if gpu_images is not None:
-                raise ValueError("gpu_images applies to decode='mixed' only: pass decode='mixed'")
-            decode = resolve_decode(transform)
+        if decode == "auto" and gpu_images is not None:
+            raise ValueError("gpu_images applies to decode='mixed' only: pass decode='mixed'")
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
-        if decode != "cpu" and transform is not None:
+        if decode not in ("cpu", "auto") and transform is not None:
             raise ValueError(
                 f"decode={decode!r} augments on the device: pass augment=, not transform="
             )
-        gpu_images = _gpu_images(decode, gpu_images, int(img_per_place))
         self.root = Path(root)
         if dataframe is None:
             dataframe = read_gsv_dataframes(self.root, cities)
@@ -644,23 +642,46 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         self.image_size = _size(image_size)
         self.seed = int(seed)
         self.epoch = 0
-        self.decode = decode
         self.augment = bool(augment)
         self.interpolation = interpolation
         self.on_corrupt = on_corrupt
-        self.gpu_images = gpu_images
-        if transform is None and decode == "cpu":
-            make = train_transform if augment else eval_transform
-            transform = make(self.image_size, interpolation)
-        elif decode == "mixed":  # the workers only resize; augmentation happens on the device
-            transform = eval_transform(self.image_size, interpolation)
-        self.transform = transform
+        self.auto_decode = decode == "auto"
+        self._custom_transform = transform
+        self._set_decode("cpu" if decode == "auto" else decode, gpu_images)
         place = self.dataframe["place"].to_numpy()
         starts = np.flatnonzero(np.r_[True, place[1:] != place[:-1]])
         self._starts = starts.astype(np.int64)
         self._counts = np.diff(np.r_[starts, len(place)]).astype(np.int64)
         self._labels = place[starts].astype(np.int64)
         self._paths, self._offsets = _pack_strings(self.dataframe["path"].tolist())
+
+    def _set_decode(self, decode: str, gpu_images: int | None) -> None:
+        """Set the decoding mode and the transform the workers run for it."""
+        self.gpu_images = _gpu_images(decode, gpu_images, self.img_per_place)
+        self.decode = decode
+        if decode == "cpu":
+            make = train_transform if self.augment else eval_transform
+            default = make(self.image_size, self.interpolation)
+            self.transform = self._custom_transform or default
+        elif decode == "mixed":  # the workers only resize; augmentation happens on the device
+            self.transform = eval_transform(self.image_size, self.interpolation)
+        else:
+            self.transform = None
+
+    def for_device(self, device: str | torch.device) -> GSVCitiesDataset:
+        """The dataset to train with on `device` (what `fit` does with it). With decode="auto"
+        (the default) on a CUDA device: a copy with decode="mixed" (K // 2 images of each
+        place decoded by nvJPEG, RandAugment on the GPU), 2.6x the images/s of "cpu" on an
+        H200 with 16 CPU cores (bench/RESULTS.md). Otherwise (an explicit decode, a custom
+        `transform`, or another device) this dataset itself."""
+        if not self.auto_decode or self._custom_transform is not None:
+            return self
+        if torch.device(device).type != "cuda":
+            return self
+        fast = copy.copy(self)
+        fast.auto_decode = False
+        fast._set_decode("mixed", None)
+        return fast
 
     # -- bookkeeping
     def __len__(self) -> int:
@@ -685,9 +706,10 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         return state
 
     def __repr__(self) -> str:
+        decode = "'auto' (cpu; mixed under fit on CUDA)" if self.auto_decode else repr(self.decode)
         return (
             f"GSVCitiesDataset({len(self)} places, {self.num_images} images, "
-            f"K={self.img_per_place}, size={self.image_size}, decode={self.decode!r}"
+            f"K={self.img_per_place}, size={self.image_size}, decode={decode}"
             + (f", gpu_images={self.gpu_images})" if self.decode == "mixed" else ")")
         )
 
@@ -791,14 +813,6 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         if images.plans is not None:
             batch = apply_plans(batch, images.plans, self.interpolation)
         return batch
-
-
-def resolve_decode(transform=None) -> str:
-    """What decode="auto" picks: "mixed" when a CUDA GPU is present (and no custom CPU
-    `transform` is given), else "cpu". On an H200 with 16 CPU cores, training ResNet50 +
-    Conv-AP at 320x320, "mixed" (K // 2 images per place decoded by nvJPEG) ran end to end at
-    5,500 img/s, "gpu" at 5,250 and "cpu" at 2,100 (bench/RESULTS.md, 2026-11-26)."""
-    return "mixed" if transform is None and torch.cuda.is_available() else "cpu"
 
 
 def _gpu_images(decode: str, gpu_images: int | None, k: int) -> int:

@@ -436,8 +436,9 @@ def fit(
     - compile: True wraps the model in torch.compile; "auto" (default) does so on CUDA only
       (on CPU the compile time rarely pays off). channels_last: None = True on CUDA.
       prefetch: batches prepared ahead on a side CUDA stream while the step runs (None: 1
-      on CUDA, 0 elsewhere; see `device_batches`). On a GPU, a dataset with decode="mixed" or
-      "gpu" moves decoding/augmentation off the CPU (bench/RESULTS.md has measurements).
+      on CUDA, 0 elsewhere; see `device_batches`). On a CUDA device a GSVCitiesDataset with
+      decode="auto" (its default) is trained with decode="mixed": half of the JPEGs decoded
+      by nvJPEG and RandAugment on the GPU (`GSVCitiesDataset.for_device`; bench/RESULTS.md).
     - val: a Benchmark, a name/path for `load_benchmark`, or a list of them; after each epoch
       each gets R@1/5/10 columns named `<benchmark>_R@k`. val_image_size: evaluation resize
       (None: the model's `preprocess`, as `evaluate` does).
@@ -510,6 +511,8 @@ def fit(
         "gather_for_mining": gather_for_mining,
     }
     seed_everything(seed + ctx.rank)
+    if hasattr(train_dataset, "for_device"):  # decode="auto": nvJPEG + GPU RandAugment on CUDA
+        train_dataset = train_dataset.for_device(device)
 
     # Model, loss, miner, optimizer, schedule, scaler.
     model.to(device)
