@@ -60,6 +60,39 @@ def test_parse_underscores_negative_and_big_northdeg():
     assert G.gsv_filename(pd.Series(row)) == name
 
 
+@settings(max_examples=300)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=40))
+def test_float_names_are_python_repr(values):
+    """The vectorised lat/lon spelling of read_gsv_dataframes is exactly repr(float)."""
+    values += [0.0, -0.0, 45.0, 1e-5, 1e-4, 123456.789, 1e16, 5e-324, 51.4861, -0.0895151]
+    assert G._float_names(pd.Series(values)).to_pylist() == [repr(v) for v in values]
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "place_id": st.integers(0, 99_999),
+                "year": st.integers(0, 9999),
+                "month": st.integers(1, 12),
+                "northdeg": st.integers(0, 2000),
+                "city_id": st.sampled_from(["PRS", "London", "SaoPaulo"]),
+                "lat": st.floats(-90, 90),
+                "lon": st.floats(-180, 180),
+                "panoid": st.text(string.ascii_letters + string.digits + "_-", min_size=1),
+            }
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_relative_paths_equal_gsv_filename_per_row(rows):
+    want = [f"Images/{r['city_id']}/{G.gsv_filename(r)}" for r in rows]
+    got = G._relative_paths(pd.DataFrame(rows))
+    assert got.tolist() == want and list(got.index) == list(range(len(rows)))
+
+
 @pytest.mark.parametrize(
     "bad",
     [

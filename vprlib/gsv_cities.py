@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .transforms import (
@@ -78,6 +80,7 @@ from .transforms import (
 COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
 INT_COLUMNS = ("place_id", "year", "month", "northdeg")
 FLOAT_COLUMNS = ("lat", "lon")
+TEXT_COLUMNS = ("city_id", "panoid")
 PLACE_STRIDE = 10**5  # place = city index * PLACE_STRIDE + place_id, as the reference does
 # Valid values per column (inclusive): what the file names can encode and the data can mean.
 VALUE_RANGES = {
@@ -230,19 +233,21 @@ def _bad_row(path, df: pd.DataFrame, column: str, mask, expected: str | None = N
 
 def _read_city_csv(path: Path) -> pd.DataFrame:
     """One city CSV with checked columns and dtypes."""
+    # Text columns keep "NA"/"null" as text; only empty numeric cells count as missing.
+    na_values = {c: [""] for c in COLUMNS if c not in TEXT_COLUMNS}
     try:
-        # Text columns keep "NA"/"null" as text; only empty numeric cells count as missing.
-        df = pd.read_csv(
-            path,
-            dtype={"city_id": str, "panoid": str},
-            keep_default_na=False,
-            na_values={c: [""] for c in COLUMNS if c not in ("city_id", "panoid")},
-        )
+        df = pd.read_csv(path, keep_default_na=False, na_values=na_values)
     except pd.errors.EmptyDataError as e:
         raise ValueError(f"city CSV {path} is empty (needs columns {list(COLUMNS)})") from e
     for col in COLUMNS:
         if col not in df.columns:
             raise ValueError(f"{path}: missing column {col!r} (needs {list(COLUMNS)})")
+    numeric_text = [c for c in TEXT_COLUMNS if not pd.api.types.is_string_dtype(df[c])]
+    if numeric_text:
+        # every cell looked like a number (a panoid of digits): read again keeping the text
+        # exactly. Not the default: naming str dtypes doubles pandas' parsing time.
+        dtypes = dict.fromkeys(numeric_text, str)
+        df = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=na_values)
     if len(df) == 0:
         raise ValueError(f"city CSV {path} has no rows")
     for col in INT_COLUMNS:
@@ -262,13 +267,12 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
             if num.isna().any():
                 raise _bad_row(path, df, col, num.isna())
             df[col] = num.astype(np.float64)
-    # Text columns: "" (empty cell) or NaN (a short row) is missing. city_id is checked on
-    # its distinct values.
-    ids = pd.unique(df["city_id"].to_numpy(dtype=object))
-    for col in ("city_id", "panoid"):
-        values = ids if col == "city_id" else df[col].to_numpy(dtype=object)
-        if not values.astype(bool).all() or pd.isna(values).any():
-            raise _bad_row(path, df, col, df[col].isna() | (df[col] == ""), "non-empty text")
+    # Text columns: "" (empty cell) or NaN (a short row) is missing.
+    for col in TEXT_COLUMNS:
+        missing = df[col].isna() | (df[col] == "")
+        if missing.any():
+            raise _bad_row(path, df, col, missing, "non-empty text")
+    ids = df["city_id"].unique()
     for col, (lo, hi) in VALUE_RANGES.items():
         v = df[col].to_numpy()
         if not (v.min() >= lo and v.max() <= hi):  # NaN-free here; also catches inf
@@ -279,60 +283,90 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
     return df
 
 
-def _padded(values: pd.Series, width: int, prefix: str = "") -> np.ndarray:
-    """Zero-padded decimal strings of small non-negative ints via a lookup table (object
-    array): one string per distinct value instead of one formatting call per row."""
+def _padded(values: pd.Series, width: int) -> pa.Array:
+    """Zero-padded decimal strings of small ints via a lookup table: one string per distinct
+    value instead of one formatting call per row."""
     v = values.to_numpy()
     lo, hi = int(v.min()), int(v.max())
-    table = np.array([f"{prefix}{i:0{width}d}" for i in range(lo, hi + 1)], dtype=object)
-    return table[v - lo]
+    table = pa.array([f"{i:0{width}d}" for i in range(lo, hi + 1)])
+    return table.take(pa.array(v - lo))
 
 
-def _relative_paths(df: pd.DataFrame) -> list[str]:
-    """`Images/<city_id>/<file name>` of the rows of one city. lat/lon use repr, i.e.
-    Python's shortest float repr, like the dataset's own names. Built column-wise (tables
-    for the int fields, C-level map/join) because this is the cost of reading 530k rows."""
-    city_id = df["city_id"].iloc[0]
+def _float_names(values: pd.Series) -> pa.Array:
+    """Python's repr of each float (shortest round trip), as the dataset's file names spell
+    lat/lon. Arrow's float -> string cast writes the same shortest digits but another
+    notation for whole numbers ("45" for "45.0"), -0.0, magnitudes below 1e-4 (no exponent)
+    and large ones (an exponent from ~1e10): those rows (whole numbers, |x| < 1e-4 or
+    |x| >= 1e6; rare in coordinates) get Python's repr."""
+    floats = values.to_numpy(dtype=np.float64)
+    text = pc.cast(pa.array(floats), pa.string())
+    magnitude = np.abs(floats)
+    odd = (floats == np.trunc(floats)) | (magnitude < 1e-4) | ~(magnitude < 1e6)
+    if not odd.any():
+        return text
+    fixed = pa.array([repr(v) for v in floats[odd].tolist()])
+    return pc.replace_with_mask(text, pa.array(odd), fixed)
+
+
+def _relative_paths(df: pd.DataFrame) -> pd.Series:
+    """`Images/<city_id>/<file name>` of every row (str dtype, df's index), lat/lon as
+    Python's repr (see `_float_names`). Built column-wise in Arrow over all cities at once
+    (no Python string per row): this is most of the cost of reading 530k rows."""
+    cities = df["city_id"].astype("category")
+    prefixes = pa.array([f"Images/{c}/{c}" for c in cities.cat.categories])
     fields = [
-        _padded(df["place_id"], 7, f"Images/{city_id}/{city_id}_"),
+        prefixes.take(pa.array(cities.cat.codes.to_numpy())),
+        _padded(df["place_id"], 7),
         _padded(df["year"], 4),
         _padded(df["month"], 2),
         _padded(df["northdeg"], 3),
-        map(repr, df["lat"].tolist()),
-        map(repr, df["lon"].tolist()),
-        df["panoid"].to_numpy(dtype=object) + ".jpg",
+        _float_names(df["lat"]),
+        _float_names(df["lon"]),
+        pa.array(df["panoid"], type=pa.string()),
     ]
-    return list(map("_".join, zip(*fields, strict=True)))
+    names = pc.binary_join_element_wise(*fields, "_")
+    paths = pc.binary_join_element_wise(names, pa.scalar(".jpg"), "")
+    out = paths.to_pandas(types_mapper=_ARROW_STR.get)
+    out.index = df.index
+    return out
 
 
-def _attach_paths(root: Path, df: pd.DataFrame, csv_path: Path, check_files: bool, on_missing):
-    """Add `path` (relative to root); keep rows whose image exists (see read_gsv_dataframes)."""
-    paths = _relative_paths(df)
-    if not check_files:
-        df["path"] = pd.Series(paths, index=df.index, dtype=str)
-        return df
-    city_id = df["city_id"].iloc[0]
-    folder = root / "Images" / city_id
-    prefix = f"Images/{city_id}/"
-    listed = {prefix + n for n in os.listdir(folder)} if folder.is_dir() else set()
-    path = pd.Series(paths, index=df.index, dtype=object)
+# pandas' own str dtype backed by Arrow (what pandas >= 3 uses for text when pyarrow is there)
+_ARROW_STR = {pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}
+
+
+def _find_images(
+    root: Path, df: pd.DataFrame, stems: np.ndarray, csvs: dict[str, Path], on_missing: str
+) -> pd.DataFrame:
+    """Point `path` at the file on disk (.jpg, or .JPG where only that exists); rows whose
+    image is missing raise, or are dropped with a warning (see read_gsv_dataframes).
+    stems: the CSV stem of each row, for messages that name the file."""
+    listed = []
+    for city_id in df["city_id"].unique():
+        folder = root / "Images" / city_id
+        if folder.is_dir():
+            listed += [f"Images/{city_id}/{n}" for n in os.listdir(folder)]
+    path = df["path"]
     found = path.isin(listed)
     if not found.all():  # the dataset README spells the extension .JPG: try it for the misses
         upper = path.str.slice(0, -4) + ".JPG"
         use_upper = ~found & upper.isin(listed)
-        path = path.where(~use_upper, upper)
+        df["path"] = path.where(~use_upper, upper)
         found |= use_upper
-    df["path"] = path.astype(str)
     if found.all():
         return df
-    missing = df.loc[~found, "path"].tolist()
-    msg = (
-        f"{len(missing)} of {len(df)} rows of {csv_path.name} have no image file under {root}, "
-        f"e.g. {missing[:3]}"
-    )
-    if on_missing == "error":
-        raise FileNotFoundError(msg + " (on_missing='drop' skips them)")
-    warnings.warn(msg + "; dropped", stacklevel=3)
+    for stem, csv_path in csvs.items():
+        rows = stems == stem
+        missing = df.loc[rows & ~found.to_numpy(), "path"].tolist()
+        if not missing:
+            continue
+        msg = (
+            f"{len(missing)} of {int(rows.sum())} rows of {csv_path.name} have no image file "
+            f"under {root}, e.g. {missing[:3]}"
+        )
+        if on_missing == "error":
+            raise FileNotFoundError(msg + " (on_missing='drop' skips them)")
+        warnings.warn(msg + "; dropped", stacklevel=3)
     return df[found.to_numpy()]
 
 
@@ -357,13 +391,18 @@ def read_gsv_dataframes(
     csvs = _city_csvs(root)
     ids = {stem: _first_city_id(p) for stem, p in csvs.items()}
     order = {cid: i for i, cid in enumerate(sorted({c for c in ids.values() if c is not None}))}
+    chosen = _resolve(cities, ids, "cities (CSV stem, city_id in brackets)")
     frames = []
-    for stem in _resolve(cities, ids, "cities (CSV stem, city_id in brackets)"):
+    for stem in chosen:
         df = _read_city_csv(csvs[stem])
-        city_id = df["city_id"].iloc[0]
-        df["place"] = df["place_id"] + order[city_id] * PLACE_STRIDE
-        frames.append(_attach_paths(root, df, csvs[stem], check_files, on_missing))
+        df["place"] = df["place_id"] + order[df["city_id"].iloc[0]] * PLACE_STRIDE
+        frames.append(df)
     out = pd.concat(frames, ignore_index=True)
+    out["path"] = _relative_paths(out)
+    if check_files:
+        stems = np.repeat(np.array(chosen, dtype=object), [len(f) for f in frames])
+        out = _find_images(root, out, stems, {s: csvs[s] for s in chosen}, on_missing)
+        out = out.reset_index(drop=True)
     if len(out) == 0:
         raise ValueError(f"no rows left under {root} for cities {cities!r}")
     return out
