@@ -86,18 +86,10 @@ def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=0)
     assert ds.for_device(CUDA).decode == "mixed"  # what fit trains with (decode="auto")
-    history = TR.fit(
-        model,
-        ds,
-        epochs=2,
-        places_per_batch=8,
-        num_workers=2,
-        progress=False,
-        max_steps_per_epoch=2,
-        warmup_steps=1,
-        val=bench_root / "gsv_sample",
-        checkpoint_dir=tmp_path,
-    )  # decode, device, precision (bf16), compile, channels_last, prefetch: all "auto"
+    short = dict(places_per_batch=8, progress=False, max_steps_per_epoch=2, warmup_steps=1)
+    val = bench_root / "gsv_sample"
+    history = TR.fit(model, ds, epochs=2, num_workers=2, val=val, checkpoint_dir=tmp_path, **short)
+    # decode, device, precision (bf16), compile, channels_last, prefetch: all left at "auto"
     assert history["steps"].tolist() == [2, 4]
     assert np.isfinite(history["loss"]).all() and (history["images_per_s"] > 0).all()
     assert history["gsv_sample_R@1"].between(0, 1).all()
@@ -110,14 +102,11 @@ def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
         resumed,
         ds,
         epochs=3,
-        places_per_batch=8,
         num_workers=0,
-        progress=False,
-        max_steps_per_epoch=2,
-        warmup_steps=1,
         checkpoint_dir=tmp_path,
         resume=True,
         compile=False,
+        **short,
     )
     assert more["steps"].tolist()[-1] == 6
 
