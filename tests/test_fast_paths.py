@@ -133,6 +133,7 @@ def test_auto_decode_is_cpu_items_and_mixed_for_fit_on_cuda(gsv_root, monkeypatc
     assert ds.for_device("cpu") is ds
     fast = ds.for_device("cuda")
     assert fast is not ds and fast.decode == "mixed" and fast.gpu_images == 2
+    assert fast.dataframe is ds.dataframe and len(fast) == len(ds)
     assert ds.decode == "cpu" and ds[0][0].dtype == torch.uint8  # the original is unchanged
     enc, _ = fast.collate_fn([fast[i] for i in range(3)])
     want, _ = ds.collate_fn([ds[i] for i in range(3)])

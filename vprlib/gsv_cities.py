@@ -717,7 +717,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
             return self
         if torch.device(device).type != "cuda":
             return self
-        fast = copy.copy(self)
+        fast = copy.copy(self)  # shares the packed arrays; __getstate__ drops the table:
+        fast.dataframe = self.dataframe  # keep it (read-only, shared)
         fast.auto_decode = False
         fast._set_decode("mixed", None)
         return fast
