@@ -8,6 +8,7 @@ device where the model runs. Float input is taken as already normalised and only
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import queue
 import threading
@@ -115,6 +116,7 @@ class FastRandAugment:
         )
         self.ops = list(self.reference._AUGMENTATION_SPACE.items())
         self.mode = mode.value
+        self._magnitudes: dict = {}
 
     def __repr__(self) -> str:
         r = self.reference
@@ -145,10 +147,27 @@ class FastRandAugment:
     def apply_op(self, image: torch.Tensor, op: int, negate: bool) -> torch.Tensor:
         """Apply op number `op` of `self.ops` (magnitude negated if `negate`) to uint8
         [..., 3, H, W]: every image of a batch gets the same op."""
-        name, (magnitudes_fn, _) = self.ops[op]
-        magnitudes = magnitudes_fn(self.reference.num_magnitude_bins, *image.shape[-2:])
-        magnitude = 0.0 if magnitudes is None else float(magnitudes[self.reference.magnitude])
-        return self._apply(image, name, -magnitude if negate else magnitude)
+        return self._apply(image, *self.op_and_magnitude(op, negate, *image.shape[-2:]))
+
+    def op_and_magnitude(self, op: int, negate: bool, height: int, width: int):
+        """(name, signed magnitude) of op number `op` on a height x width image (cached:
+        torchvision builds a tensor of magnitudes for each lookup)."""
+        key = (op, negate, height, width)
+        if key not in self._magnitudes:
+            name, (magnitudes_fn, _) = self.ops[op]
+            magnitudes = magnitudes_fn(self.reference.num_magnitude_bins, height, width)
+            value = 0.0 if magnitudes is None else float(magnitudes[self.reference.magnitude])
+            self._magnitudes[key] = (name, -value if negate else value)
+        return self._magnitudes[key]
+
+    def warp_matrix(self, op: int, negate: bool, height: int, width: int) -> list[float] | None:
+        """The inverse affine matrix (6 floats) of op `op` if it is a warp done by
+        `_warp_affine` (Shear, Rotate), else None: warps of different images and
+        magnitudes can then run as one batched call (see `apply_plans`)."""
+        name, magnitude = self.op_and_magnitude(op, negate, height, width)
+        if name not in WARPS or _inverse_affine is None:
+            return None
+        return _warp_matrix(name, magnitude, height, width)
 
     def _apply(self, image: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
         if name == "Identity":
@@ -170,15 +189,9 @@ class FastRandAugment:
             return _equalize(image)
         if name == "Sharpness":
             return _sharpness(image, 1.0 + magnitude)
-        if name in ("ShearX", "ShearY", "Rotate") and _inverse_affine is not None:
-            if name == "Rotate":  # v2 rotate: centre of the image, angle negated
-                matrix = _inverse_affine([0.0, 0.0], -magnitude, [0.0, 0.0], 1.0, [0.0, 0.0])
-            else:  # v2 RandAugment shears about the top-left corner (centre [0, 0])
-                shear = math.degrees(math.atan(magnitude))
-                shear_xy = [shear, 0.0] if name == "ShearX" else [0.0, shear]
-                h, w = image.shape[-2:]
-                matrix = _inverse_affine([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], 1.0, shear_xy)
-            return _warp_affine(image, matrix, self.mode)
+        if name in WARPS and _inverse_affine is not None:
+            matrix = torch.tensor([_warp_matrix(name, magnitude, *image.shape[-2:])])
+            return _warp_affine(image, matrix.to(image.device), self.mode)
         return self.reference._apply_image_or_video_transform(
             image,
             name,
@@ -194,18 +207,39 @@ except ImportError:  # pragma: no cover - depends on the torchvision version
     _inverse_affine = None
 
 
-def _warp_affine(image: torch.Tensor, matrix: list[float], mode: str) -> torch.Tensor:
-    """v2 affine_image (same size, zero fill) with the sampling grid built by broadcasting
-    instead of a batched matmul; equal to v2 up to float rounding (rare +-1 in uint8)."""
+WARPS = ("ShearX", "ShearY", "Rotate")
+
+
+def _warp_matrix(name: str, magnitude: float, height: int, width: int) -> list[float]:
+    """torchvision's inverse affine matrix of a RandAugment Shear/Rotate op."""
+    if name == "Rotate":  # v2 rotate: centre of the image, angle negated
+        return _inverse_affine([0.0, 0.0], -magnitude, [0.0, 0.0], 1.0, [0.0, 0.0])
+    # v2 RandAugment shears about the top-left corner (centre [0, 0])
+    shear = math.degrees(math.atan(magnitude))
+    shear_xy = [shear, 0.0] if name == "ShearX" else [0.0, shear]
+    return _inverse_affine([-width * 0.5, -height * 0.5], 0.0, [0.0, 0.0], 1.0, shear_xy)
+
+
+def _warp_affine(
+    image: torch.Tensor, matrices: torch.Tensor, mode: str, counts: list[int] | None = None
+) -> torch.Tensor:
+    """v2 affine_image (same size, zero fill) of uint8 [N, 3, H, W] with the sampling grid
+    built by broadcasting instead of a batched matmul; equal to v2 up to float rounding (rare
+    +-1 in uint8). `matrices` (float32 [M, 6] on the image's device): M inverse affine
+    matrices, the first for the first counts[0] images, and so on (one call warps a batch
+    whatever its ops); counts=None: one matrix for all images."""
     h, w = image.shape[-2:]
     dev = image.device
-    a, b, c, d, e, f = matrix
+    # float32 [M, 1, 1] entries: the same float32 products and sums as Python scalars give
+    a, b, c, d, e, f = matrices.to(torch.float32).T.reshape(6, -1, 1, 1)
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1)
     gx = (xs * a + ys * b + c).div_(0.5 * w)
     gy = (xs * d + ys * e + f).div_(0.5 * h)
-    grid = torch.stack([gx, gy], dim=-1).unsqueeze_(0)
+    grid = torch.stack([gx, gy], dim=-1)  # [M, h, w, 2]
     flat = image.reshape(-1, *image.shape[-3:]).to(torch.float32)
+    if counts is not None and len(counts) > 1:
+        grid = torch.cat([g.expand(n, -1, -1, -1) for g, n in zip(grid, counts, strict=True)])
     out = torch.nn.functional.grid_sample(
         flat,
         grid.expand(flat.shape[0], -1, -1, -1),
@@ -439,23 +473,54 @@ def apply_plans(
         )
     if len(images) == 0:
         return images
-    aug = FastRandAugment(num_ops=plans.shape[1], interpolation=interpolation)
+    aug = _augmenter(plans.shape[1], interpolation)
+    h, w = images.shape[-2:]
     keys = plans[:, :, 0].cpu() * 2 + plans[:, :, 1].cpu()  # [N, num_ops]: op and sign
-    orders = torch.argsort(keys, dim=0, stable=True).T  # per position: images sorted by key
+    # Shear and Rotate images of a position, whatever their op and sign, are sorted last and
+    # warped by one grid_sample with a matrix per image (fewer kernel launches on a GPU).
+    warps = {k: aug.warp_matrix(k // 2, bool(k % 2), h, w) for k in range(2 * len(aug.ops))}
+    is_warp = torch.tensor([warps[k] is not None for k in range(len(warps))])[keys]
+    rank = keys + is_warp * len(warps)
+    orders = torch.argsort(rank, dim=0, stable=True).T  # per position: images sorted by rank
     # the gather and scatter orders of every position go to the device in one copy
     perms = torch.cat([orders, torch.argsort(orders, dim=1)])
-    if images.is_cuda:
-        perms = perms.pin_memory()
-    perms = perms.to(images.device, non_blocking=True)
+    groups = []  # per position: [(key, count)] of the other ops and of the warps
     for position, order in enumerate(orders):
-        groups, counts = torch.unique_consecutive(keys[order, position], return_counts=True)
+        values, counts = torch.unique_consecutive(rank[order, position], return_counts=True)
+        ops, warped = [], []
+        for r, count in zip(values.tolist(), counts.tolist(), strict=True):
+            key = r % len(warps)
+            (ops if warps[key] is None else warped).append((key, count))
+        groups.append((ops, warped))
+    # the orders and warp matrices of every position go to the device in one copy each
+    matrices = [warps[key] for _, warped in groups for key, _ in warped] or [[0.0] * 6]
+    perms, matrices = _to_device([perms, torch.tensor(matrices)], images.device)
+    used = 0
+    for position, (ops, warped) in enumerate(groups):
         ordered = images.index_select(0, perms[position])
         pieces, start = [], 0
-        for key, count in zip(groups.tolist(), counts.tolist(), strict=True):
+        for key, count in ops:
             pieces.append(aug.apply_op(ordered[start : start + count], key // 2, bool(key % 2)))
             start += count
+        if warped:
+            block, counts = matrices[used : used + len(warped)], [n for _, n in warped]
+            pieces.append(_warp_affine(ordered[start:], block, aug.mode, counts))
+            used += len(warped)
         images = torch.cat(pieces).index_select(0, perms[len(orders) + position])
     return images
+
+
+@functools.lru_cache(maxsize=8)
+def _augmenter(num_ops: int, interpolation: str) -> FastRandAugment:
+    """One FastRandAugment per setting, so its magnitude cache lasts across batches."""
+    return FastRandAugment(num_ops=num_ops, interpolation=interpolation)
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors -> `device`; on CUDA through pinned memory without blocking the host."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 def augment_batch(
