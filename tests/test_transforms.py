@@ -140,6 +140,36 @@ def test_decode_jpeg_batch_matches_cpu_decode():
         T.decode_jpeg_batch(broken, "cpu", (24, 32), names=["one.jpg", "two.jpg"])
 
 
+def test_decode_jpeg_batch_falls_back_to_the_cpu_per_image(monkeypatch):
+    """An image the device decoder refuses (nvJPEG: some CMYK/lossless files) is decoded on
+    the CPU instead; the others stay on the device decoder."""
+    data = [
+        torch.frombuffer(bytearray(jpeg_bytes(photo(s, 64, 48))), dtype=torch.uint8)
+        for s in range(3)
+    ]
+    want = T.decode_jpeg_batch(data, "cpu", (24, 32))
+    device_calls = []
+    real = T._decode_jpegs
+
+    def picky_device(batch, device):  # refuses any list that holds image 1
+        device_calls.append(len(batch))
+        if any(b.data_ptr() == data[1].data_ptr() for b in batch):
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return real(batch, device)
+
+    monkeypatch.setattr(T, "_decode_jpegs", picky_device)
+    assert torch.equal(T.decode_jpeg_batch(data, "cpu", (24, 32)), want)
+    assert device_calls == [3, 1, 1, 1]  # the batch, then one by one
+    broken = [data[0], data[1][:100].clone()]
+
+    def broken_device(batch, device):
+        raise RuntimeError("nvjpeg: bad data")
+
+    monkeypatch.setattr(T, "_decode_jpegs", broken_device)
+    with pytest.raises(ValueError, match="two.jpg"):
+        T.decode_jpeg_batch(broken, "cpu", (24, 32), names=["one.jpg", "two.jpg"])
+
+
 def test_augment_batch_per_image_and_deterministic():
     batch = torch.stack([IMAGES[0]] * 4)
     seeds = [11, 12, 13, 11]

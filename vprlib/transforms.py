@@ -435,10 +435,12 @@ def decode_jpeg_batch(
 ) -> torch.Tensor:
     """Encoded JPEGs -> uint8 [N,3,H,W] on `device`, resized to `image_size`.
 
-    On CUDA the whole list is decoded by nvJPEG in one call. A decode failure raises
-    ValueError naming the offending image (from `names` when given).
+    On CUDA the whole list is decoded by nvJPEG in one call. If that fails, each image is
+    decoded alone, and one that the device cannot decode (nvJPEG refuses some valid files,
+    e.g. CMYK or lossless JPEGs) is decoded on the CPU (libjpeg-turbo) instead: the GPU path
+    reads whatever the CPU path reads. An image neither can decode raises ValueError naming
+    it (from `names` when given).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
     device = torch.device(device)
@@ -447,16 +449,15 @@ def decode_jpeg_batch(
     if not data:
         return torch.empty((0, 3, *size), dtype=torch.uint8, device=device)
     try:
-        decoded = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+        decoded = _decode_jpegs(list(data), device)
     except RuntimeError:
-        # find and name the culprit
+        decoded = []
         for i, d in enumerate(data):
-            name = names[i] if names is not None else f"image {i} of the batch"
             try:
-                decode_jpeg(d, mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise ValueError(f"cannot decode image {name}: {e}") from e
-        raise
+                decoded += _decode_jpegs([d], device)
+            except RuntimeError:
+                name = names[i] if names is not None else f"image {i} of the batch"
+                decoded.append(decode_image_bytes(d, name).to(device))
     shapes = {tuple(img.shape) for img in decoded}
     if len(shapes) == 1:
         batch = torch.stack(decoded)
@@ -466,6 +467,13 @@ def decode_jpeg_batch(
     return torch.stack(
         [F.resize(img, list(size), interpolation=mode, antialias=True) for img in decoded]
     )
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's JPEG decoder (nvJPEG on CUDA, one call for the list) -> RGB uint8."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def draw_plans(
