@@ -624,7 +624,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     gpu_images = K // 2), the device decodes the rest and augments all (see the module
     docstring). decode="auto" (default) behaves as "cpu" (items are uint8 images) and lets
     `fit` switch to "mixed" on a CUDA device (`for_device`). All modes give the same images
-    on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in the DataLoader and `batch_to_device` on each batch.
+    on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in
+    the DataLoader and `batch_to_device` on each batch.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
     image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
     filtered read_gsv_dataframes table; needs `place` and `path`). Copies of the dataset in
@@ -700,10 +701,11 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         """Set the decoding mode and the transform the workers run for it."""
         self.gpu_images = _gpu_images(decode, gpu_images, self.img_per_place)
         self.decode = decode
-        if decode == "cpu":
+        if decode == "cpu" and self._custom_transform is not None:
+            self.transform = self._custom_transform
+        elif decode == "cpu":
             make = train_transform if self.augment else eval_transform
-            default = make(self.image_size, self.interpolation)
-            self.transform = self._custom_transform or default
+            self.transform = make(self.image_size, self.interpolation)
         elif decode == "mixed":  # the workers only resize; augmentation happens on the device
             self.transform = eval_transform(self.image_size, self.interpolation)
         else:
