@@ -56,6 +56,7 @@ from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
 from vprlib.losses import get_loss, get_miner  # noqa: E402
 from vprlib.models import VPRModel  # noqa: E402
 from vprlib.train import (  # noqa: E402
+    batch_preparer,
     default_num_workers,
     make_loader,
     make_optimizer,
@@ -206,7 +207,8 @@ class Probe:
 
     def __init__(self, loader, dataset, device: torch.device, channels_last: bool):
         self.iterator = iter(loader)  # made here: a DataLoader iterator wants the main thread
-        self.dataset, self.device, self.channels_last = dataset, device, channels_last
+        self.prepare = batch_preparer(dataset, device, channels_last)  # what fit runs
+        self.device = device
         self.wait, self.host, self.events = [], [], []
 
     def __iter__(self):
@@ -219,19 +221,17 @@ class Probe:
         return batch
 
     def to_device(self, batch):
-        images, labels = batch
         t = time.perf_counter()
         cuda = self.device.type == "cuda"
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        x = self.dataset.batch_to_device(images, self.device, channels_last=self.channels_last)
-        labels = labels.reshape(-1).to(self.device, non_blocking=True)
+        out = self.prepare(batch)
         if cuda:
             end.record()
             self.events.append((begin, end))
         self.host.append(time.perf_counter() - t)
-        return x, labels
+        return out
 
     def summary(self, first: int, count: int) -> dict:
         """Mean milliseconds per batch over batches first .. first + count - 1."""

@@ -47,9 +47,12 @@ def test_device_decode_and_augment_match_the_cpu(gsv_root, decode, gpu_images, a
     on_gpu = ds._finish_on_device(enc, CUDA)
     assert on_gpu.device.type == "cuda" and on_gpu.shape == (24, 3, *SIZE)
     diff = level_differences(on_gpu, on_cpu)
-    # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): 1-2 levels
-    # on most pixels; a geometric op can move an edge by a pixel, so a few pixels differ more
-    assert diff.mean() < 2.5, f"mean difference {diff.mean():.2f} levels"
+    # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): 1-2 levels on
+    # most pixels. With RandAugment a warp or Equalize can turn that into a pixel's shift or
+    # a different table, so the mean is allowed more (H200: 1.52 for decode="gpu" with
+    # augmentation, every other case under 1.5).
+    bound = 2.0 if augment else 1.5
+    assert diff.mean() < bound, f"mean difference {diff.mean():.2f} levels"
     assert (diff > 24).float().mean() < 0.02, f"{(diff > 24).float().mean():.3%} pixels differ"
     x = ds.batch_to_device(enc, CUDA, channels_last=True)
     assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)

@@ -610,10 +610,10 @@ def evaluate(
     gpu_decode: bool | None = None,
 ) -> EvalResults:
     """Extract database and query descriptors with `model` and score them on `benchmark`.
-    `gpu_decode` as in `extract_descriptors` (None: nvJPEG on CUDA for JPEG benchmarks).
 
     `benchmark` is a Benchmark or anything `load_benchmark` accepts (with `root`). Queries
     without positives count as misses unless `skip_empty`; the summary says how many there are.
+    `gpu_decode` as in `extract_descriptors` (None: nvJPEG on CUDA for JPEG benchmarks).
     """
     if not isinstance(benchmark, Benchmark):
         benchmark = load_benchmark(benchmark, root=root)

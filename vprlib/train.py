@@ -28,7 +28,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,15 @@ def device_batches(
     up to n batches are prepared ahead in a background thread (on CUDA on a side stream), so
     that work overlaps the training step; 0 keeps the plain loop.
     """
+    to_device = batch_preparer(dataset, device, channels_last)
+    return prefetch_to_device(loader, to_device, device, prefetch)
+
+
+def batch_preparer(dataset, device: torch.device, channels_last: bool = False) -> Callable:
+    """The function `device_batches` applies to each DataLoader batch: (images, labels) ->
+    (normalised float images [N,3,H,W], labels [N]) on `device`, through the dataset's
+    `batch_to_device` when it has one (decoding/augmenting on the device), else
+    `to_model_input`."""
     to_images = getattr(dataset, "batch_to_device", None)
 
     def to_device(batch):
@@ -223,7 +232,7 @@ def device_batches(
             x = to_model_input(images, device, channels_last=channels_last)
         return x, labels.reshape(-1).to(device, non_blocking=True)
 
-    return prefetch_to_device(loader, to_device, device, prefetch)
+    return to_device
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
