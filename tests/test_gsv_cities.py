@@ -20,6 +20,7 @@ from torchvision.io import decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as F
 
 from vprlib import gsv_cities as G
+from vprlib import gsv_csv
 from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
@@ -65,32 +66,33 @@ def test_parse_underscores_negative_and_big_northdeg():
 def test_float_names_are_python_repr(values):
     """The vectorised lat/lon spelling of read_gsv_dataframes is exactly repr(float)."""
     values += [0.0, -0.0, 45.0, 1e-5, 1e-4, 123456.789, 1e16, 5e-324, 51.4861, -0.0895151]
-    assert G._float_names(pd.Series(values)).to_pylist() == [repr(v) for v in values]
+    assert gsv_csv.float_names(pd.Series(values)).to_pylist() == [repr(v) for v in values]
 
 
-@settings(max_examples=100)
-@given(
-    st.lists(
-        st.fixed_dictionaries(
-            {
-                "place_id": st.integers(0, 99_999),
-                "year": st.integers(0, 9999),
-                "month": st.integers(1, 12),
-                "northdeg": st.integers(0, 2000),
-                "city_id": st.sampled_from(["PRS", "London", "SaoPaulo"]),
-                "lat": st.floats(-90, 90),
-                "lon": st.floats(-180, 180),
-                "panoid": st.text(string.ascii_letters + string.digits + "_-", min_size=1),
-            }
-        ),
-        min_size=1,
-        max_size=20,
+def gsv_rows(max_northdeg: int):
+    """Valid rows of several cities (northdeg up to max_northdeg)."""
+    row = st.fixed_dictionaries(
+        {
+            "place_id": st.integers(0, 99_999),
+            "year": st.integers(0, 9999),
+            "month": st.integers(1, 12),
+            "northdeg": st.integers(0, max_northdeg),
+            "city_id": st.sampled_from(["PRS", "London", "SaoPaulo"]),
+            "lat": st.floats(-90, 90),
+            "lon": st.floats(-180, 180),
+            "panoid": st.text(string.ascii_letters + string.digits + "_-", min_size=1),
+        }
     )
-)
-def test_relative_paths_equal_gsv_filename_per_row(rows):
+    return st.lists(row, min_size=1, max_size=20)
+
+
+@pytest.mark.parametrize("max_northdeg", [999, 2000])  # one fixed-width int field, or not
+@settings(max_examples=60)
+@given(data=st.data())
+def test_relative_paths_equal_gsv_filename_per_row(max_northdeg, data):
+    rows = data.draw(gsv_rows(max_northdeg))
     want = [f"Images/{r['city_id']}/{G.gsv_filename(r)}" for r in rows]
-    got = G._relative_paths(pd.DataFrame(rows))
-    assert got.tolist() == want and list(got.index) == list(range(len(rows)))
+    assert gsv_csv.relative_paths(pd.DataFrame(rows)).to_pylist() == want
 
 
 @pytest.mark.parametrize(

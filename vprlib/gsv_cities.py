@@ -56,15 +56,21 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
+from .gsv_csv import (
+    COLUMNS,
+    FLOAT_COLUMNS,
+    INT_COLUMNS,
+    PLACE_STRIDE,
+    read_city,
+)
 from .transforms import (
     _size,
     apply_plans,
@@ -79,20 +85,6 @@ from .transforms import (
     unpack_bytes,
 )
 
-COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
-INT_COLUMNS = ("place_id", "year", "month", "northdeg")
-FLOAT_COLUMNS = ("lat", "lon")
-TEXT_COLUMNS = ("city_id", "panoid")
-PLACE_STRIDE = 10**5  # place = city index * PLACE_STRIDE + place_id, as the reference does
-# Valid values per column (inclusive): what the file names can encode and the data can mean.
-VALUE_RANGES = {
-    "place_id": (0, PLACE_STRIDE - 1),
-    "year": (0, 9999),
-    "month": (1, 12),
-    "northdeg": (0, math.inf),
-    "lat": (-90.0, 90.0),
-    "lon": (-180.0, 180.0),
-}
 LAYOUT = "<root>/Dataframes/<City>.csv and <root>/Images/<city_id>/<image>.jpg"
 FILENAME_FORMAT = (
     "{city_id}_{place_id:07d}_{year:04d}_{month:02d}_{northdeg:03d}_{lat}_{lon}_{panoid}.jpg"
@@ -221,122 +213,6 @@ def _resolve(names, available: dict[str, str | None], kind: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _bad_row(path, df: pd.DataFrame, column: str, mask, expected: str | None = None) -> ValueError:
-    i = int(np.flatnonzero(np.asarray(mask))[0])
-    value = df[column].iloc[i]
-    value = value.item() if isinstance(value, np.generic) else value
-    if expected is None:
-        expected = "an integer" if column in INT_COLUMNS else "a number"
-    return ValueError(
-        f"{path}: column {column!r} has a bad value {value!r} in row {i} "
-        f"(line {i + 2}); expected {expected}"
-    )
-
-
-def _read_city_csv(path: Path) -> pd.DataFrame:
-    """One city CSV with checked columns and dtypes."""
-    # Text columns keep "NA"/"null" as text; only empty numeric cells count as missing.
-    na_values = {c: [""] for c in COLUMNS if c not in TEXT_COLUMNS}
-    try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=na_values)
-    except pd.errors.EmptyDataError as e:
-        raise ValueError(f"city CSV {path} is empty (needs columns {list(COLUMNS)})") from e
-    for col in COLUMNS:
-        if col not in df.columns:
-            raise ValueError(f"{path}: missing column {col!r} (needs {list(COLUMNS)})")
-    numeric_text = [c for c in TEXT_COLUMNS if not pd.api.types.is_string_dtype(df[c])]
-    if numeric_text:
-        # every cell looked like a number (a panoid of digits): read again keeping the text
-        # exactly. Not the default: naming str dtypes doubles pandas' parsing time.
-        dtypes = dict.fromkeys(numeric_text, str)
-        df = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=na_values)
-    if len(df) == 0:
-        raise ValueError(f"city CSV {path} has no rows")
-    for col in INT_COLUMNS:
-        if pd.api.types.is_bool_dtype(df[col]):  # pandas reads True/False cells as bools
-            raise _bad_row(path, df, col, np.ones(len(df), bool))
-        if not pd.api.types.is_integer_dtype(df[col]):
-            num = pd.to_numeric(df[col], errors="coerce")
-            bad = num.isna() | (num != np.floor(num))
-            if bad.any():
-                raise _bad_row(path, df, col, bad)
-            df[col] = num.astype(np.int64)
-        elif df[col].dtype != np.int64:
-            df[col] = df[col].astype(np.int64)
-    for col in FLOAT_COLUMNS:
-        if not pd.api.types.is_float_dtype(df[col]) or np.isnan(df[col].to_numpy()).any():
-            num = pd.to_numeric(df[col], errors="coerce")
-            if num.isna().any():
-                raise _bad_row(path, df, col, num.isna())
-            df[col] = num.astype(np.float64)
-    # Text columns: "" (empty cell) or NaN (a short row) is missing.
-    for col in TEXT_COLUMNS:
-        missing = df[col].isna() | (df[col] == "")
-        if missing.any():
-            raise _bad_row(path, df, col, missing, "non-empty text")
-    ids = df["city_id"].unique()
-    for col, (lo, hi) in VALUE_RANGES.items():
-        v = df[col].to_numpy()
-        if not (v.min() >= lo and v.max() <= hi):  # NaN-free here; also catches inf
-            expected = f"a value >= {lo}" if hi == math.inf else f"a value in {lo}..{hi}"
-            raise _bad_row(path, df, col, ~df[col].between(lo, hi), expected)
-    if len(ids) != 1:
-        raise ValueError(f"{path}: expected one city_id per CSV, found {list(ids)[:5]}")
-    return df
-
-
-def _padded(values: pd.Series, width: int) -> pa.Array:
-    """Zero-padded decimal strings of small ints via a lookup table: one string per distinct
-    value instead of one formatting call per row."""
-    v = values.to_numpy()
-    lo, hi = int(v.min()), int(v.max())
-    table = pa.array([f"{i:0{width}d}" for i in range(lo, hi + 1)])
-    return table.take(pa.array(v - lo))
-
-
-def _float_names(values: pd.Series) -> pa.Array:
-    """Python's repr of each float (shortest round trip), as the dataset's file names spell
-    lat/lon. Arrow's float -> string cast writes the same shortest digits but another
-    notation for whole numbers ("45" for "45.0"), -0.0, magnitudes below 1e-4 (no exponent)
-    and large ones (an exponent from ~1e10): those rows (whole numbers, |x| < 1e-4 or
-    |x| >= 1e6; rare in coordinates) get Python's repr."""
-    floats = values.to_numpy(dtype=np.float64)
-    text = pc.cast(pa.array(floats), pa.string())
-    magnitude = np.abs(floats)
-    odd = (floats == np.trunc(floats)) | (magnitude < 1e-4) | ~(magnitude < 1e6)
-    if not odd.any():
-        return text
-    fixed = pa.array([repr(v) for v in floats[odd].tolist()])
-    return pc.replace_with_mask(text, pa.array(odd), fixed)
-
-
-def _relative_paths(df: pd.DataFrame) -> pd.Series:
-    """`Images/<city_id>/<file name>` of every row (str dtype, df's index), lat/lon as
-    Python's repr (see `_float_names`). Built column-wise in Arrow over all cities at once
-    (no Python string per row): this is most of the cost of reading 530k rows."""
-    cities = df["city_id"].astype("category")
-    prefixes = pa.array([f"Images/{c}/{c}" for c in cities.cat.categories])
-    fields = [
-        prefixes.take(pa.array(cities.cat.codes.to_numpy())),
-        _padded(df["place_id"], 7),
-        _padded(df["year"], 4),
-        _padded(df["month"], 2),
-        _padded(df["northdeg"], 3),
-        _float_names(df["lat"]),
-        _float_names(df["lon"]),
-        pa.array(df["panoid"], type=pa.string()),
-    ]
-    names = pc.binary_join_element_wise(*fields, "_")
-    paths = pc.binary_join_element_wise(names, pa.scalar(".jpg"), "")
-    out = paths.to_pandas(types_mapper=_ARROW_STR.get)
-    out.index = df.index
-    return out
-
-
-# pandas' own str dtype backed by Arrow (what pandas >= 3 uses for text when pyarrow is there)
-_ARROW_STR = {pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}
-
-
 def _find_images(
     root: Path, df: pd.DataFrame, stems: np.ndarray, csvs: dict[str, Path], on_missing: str
 ) -> pd.DataFrame:
@@ -394,13 +270,11 @@ def read_gsv_dataframes(
     ids = {stem: _first_city_id(p) for stem, p in csvs.items()}
     order = {cid: i for i, cid in enumerate(sorted({c for c in ids.values() if c is not None}))}
     chosen = _resolve(cities, ids, "cities (CSV stem, city_id in brackets)")
-    frames = []
-    for stem in chosen:
-        df = _read_city_csv(csvs[stem])
-        df["place"] = df["place_id"] + order[df["city_id"].iloc[0]] * PLACE_STRIDE
-        frames.append(df)
+    # one city per task: the CSV parsing and path building run in Arrow without the GIL
+    workers = min(len(chosen), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        frames = list(pool.map(lambda s: read_city(csvs[s], order), chosen))
     out = pd.concat(frames, ignore_index=True)
-    out["path"] = _relative_paths(out)
     if check_files:
         stems = np.repeat(np.array(chosen, dtype=object), [len(f) for f in frames])
         out = _find_images(root, out, stems, {s: csvs[s] for s in chosen}, on_missing)
