@@ -1,8 +1,9 @@
 """Property tests (hypothesis) of the input parsers and the metric, on random inputs.
 
 The file-name round trip and corrupted fields are fuzzed in test_gsv_cities.py; here: names
-with junk around them, the city CSV reader (random valid tables come back exactly; a random
-bad cell is an error naming the file and the column), and recall@K against brute force.
+with junk around them, the city CSV reader (random valid tables come back exactly, the same
+from the fast Arrow reader and the careful pandas one; a random bad cell is an error naming
+the file and the column), and recall@K against brute force.
 """
 
 import csv
@@ -10,13 +11,15 @@ import re
 import string
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vprlib import gsv_filename, parse_gsv_filename, read_gsv_dataframes, recall_at_k
+from vprlib import gsv_csv, gsv_filename, parse_gsv_filename, read_gsv_dataframes, recall_at_k
 
 COLUMNS = ["place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid"]
 INT_COLUMNS = ["place_id", "year", "month", "northdeg"]
@@ -88,6 +91,9 @@ def test_csv_reader_returns_exactly_the_rows(tables, columns, extra):
             rows = [{**r, "city_id": city, "note": f"r{i}"} for i, r in enumerate(rows)]
             write_city(root, city, rows, list(columns) + (["note"] if extra else []))
         df = read_gsv_dataframes(root, check_files=False)
+        with mock.patch.object(gsv_csv, "_read_plain_csv", return_value=None):
+            careful = read_gsv_dataframes(root, check_files=False)  # pandas only
+    pd.testing.assert_frame_equal(df, careful)
 
     order = {c: i for i, c in enumerate(sorted(c for c, _ in tables))}
     want = [

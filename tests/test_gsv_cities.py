@@ -8,6 +8,7 @@ import math
 import shutil
 import string
 import warnings
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -560,3 +561,87 @@ def test_short_csv_row_names_the_missing_text_column(tmp_path):
     )
     with pytest.raises(ValueError, match=r"London\.csv: column 'panoid'.*line 3.*non-empty text"):
         G.read_gsv_dataframes(tmp_path, check_files=False)
+
+
+# ---------------------------------------------------------------- fast and careful CSV readers
+
+
+def read_city_both_ways(path, order):
+    """(fast-or-careful result, careful-only result) of gsv_csv.read_city; an exception is
+    returned as its type and message."""
+
+    def attempt():
+        try:
+            return gsv_csv.read_city(path, order)
+        except ValueError as e:
+            return (type(e), str(e))
+
+    default = attempt()
+    with mock.patch.object(gsv_csv, "_read_plain_csv", return_value=None):
+        careful = attempt()
+    return default, careful
+
+
+def test_fast_reader_reads_the_sample_as_the_careful_one(gsv_root):
+    csvs = sorted((gsv_root / "Dataframes").glob("*.csv"))
+    ids = sorted(pd.read_csv(p)["city_id"].iloc[0] for p in csvs)
+    order = {c: i for i, c in enumerate(ids)}
+    for path in csvs:
+        assert gsv_csv._read_plain_csv(path) is not None, path  # the fast path is taken
+        fast, careful = read_city_both_ways(path, order)
+        pd.testing.assert_frame_equal(fast, careful)
+
+
+HEADER = ",".join(COLUMNS)
+ROW = "7,2015,4,15,TST,51.4861,-0.0895151,6jFjb3wGyCkcBfq4k559ag"
+ROW2 = "8,2016,5,16,TST,51.5,-0.09,0xFjb3wGyCkcBfq4k559ag"  # a panoid that starts with 0x
+# (file text, whether the fast reader takes it): either way both readers must agree
+CSV_VARIANTS = {
+    "plain": (f"{HEADER}\n{ROW}\n{ROW2}\n", True),
+    "bom_crlf": (f"\ufeff{HEADER}\r\n{ROW}\r\n{ROW2}\r\n", True),
+    "quoted": (f"{HEADER}\n" + ",".join(f'"{c}"' for c in ROW.split(",")) + f"\n{ROW2}\n", True),
+    "index_column": (f",{HEADER}\n0,{ROW}\n1,{ROW2}\n", True),
+    "int_written_as_float": (f"{HEADER}\n{ROW.replace(',2015,', ',2015.0,')}\n", True),
+    "wide_northdeg": (f"{HEADER}\n{ROW.replace(',15,', ',1234,')}\n", True),
+    "panoids_of_two_lengths": (f"{HEADER}\n{ROW}\n{ROW2}xyz\n", True),
+    "extra_text_and_float": (f"{HEADER},a,b\n{ROW},x,1.5\n{ROW2},y,2\n", True),
+    "plus_sign": (f"{HEADER}\n{ROW.replace(',4,', ',+4,')}\n", None),
+    "exponent_int": (f"{HEADER}\n{ROW.replace(',2015,', ',2.015e3,')}\n", None),
+    "minus_zero_lat": (f"{HEADER}\n{ROW.replace('51.4861', '-0.0')}\n", False),
+    "hex_place_id": (f"{HEADER}\n{ROW.replace('7,', '0x7,', 1)}\n", False),
+    "hex_extra": (f"{HEADER},h\n{ROW},0x1F\n", False),
+    "extra_dates": (f"{HEADER},d\n{ROW},2020-01-01\n", False),
+    "extra_bools": (f"{HEADER},b\n{ROW},true\n", False),
+    "extra_empty_cell": (f"{HEADER},e\n{ROW},\n{ROW2},3\n", False),
+    "fraction_in_int": (f"{HEADER}\n{ROW.replace(',2015,', ',2015.5,')}\n", False),
+    "missing_value": (f"{HEADER}\n{ROW.replace(',TST,', ',,')}\n", False),
+    "short_row": (f"{HEADER}\n{ROW.rsplit(',', 1)[0]}\n", False),
+    "two_cities": (f"{HEADER}\n{ROW}\n{ROW2.replace('TST', 'TSU')}\n", False),
+    "duplicate_column": (f"{HEADER},year\n{ROW},2015\n", False),
+    "no_rows": (f"{HEADER}\n", False),
+}
+
+
+@pytest.mark.parametrize("name", list(CSV_VARIANTS))
+def test_fast_and_careful_readers_agree(tmp_path, name):
+    text, fast_taken = CSV_VARIANTS[name]
+    path = tmp_path / "Testville.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    if fast_taken is not None:
+        assert (gsv_csv._read_plain_csv(path) is not None) == fast_taken
+    fast, careful = read_city_both_ways(path, {"TST": 2})
+    if isinstance(careful, tuple):
+        assert fast == careful  # the same error
+    else:
+        pd.testing.assert_frame_equal(fast, careful)
+        rows = careful.to_dict("records")
+        assert careful["place"].tolist() == [2 * G.PLACE_STRIDE + r["place_id"] for r in rows]
+        assert careful["path"].tolist() == [f"Images/TST/{G.gsv_filename(r)}" for r in rows]
+
+
+def test_threads_give_the_same_table(gsv_root):
+    one = G.read_gsv_dataframes(gsv_root, threads=1)
+    pd.testing.assert_frame_equal(one, G.read_gsv_dataframes(gsv_root, threads=3))
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            G.read_gsv_dataframes(gsv_root, threads=bad)

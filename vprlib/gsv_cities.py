@@ -253,6 +253,7 @@ def read_gsv_dataframes(
     cities: str | Iterable[str] | None = None,
     on_missing: str = "error",
     check_files: bool = True,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """All rows of the chosen city CSVs as one DataFrame.
 
@@ -261,18 +262,21 @@ def read_gsv_dataframes(
     cities, stable: city index in sorted city_id order * 10**5 + place_id) and `path`
     (image path relative to root, .jpg or .JPG as found on disk). Rows whose image is
     missing raise FileNotFoundError, or are dropped with a warning when on_missing="drop".
-    check_files=False skips the directory listing (paths then end in .jpg).
+    check_files=False skips the directory listing (paths then end in .jpg). `threads`: CSVs
+    read at once (None: one per CPU core); the parsing and path building run in Arrow
+    (`gsv_csv`), outside Python's GIL.
     """
     if on_missing not in ("error", "drop"):
         raise ValueError(f"on_missing must be 'error' or 'drop', got {on_missing!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     root = _check_root(root)
     csvs = _city_csvs(root)
     ids = {stem: _first_city_id(p) for stem, p in csvs.items()}
     order = {cid: i for i, cid in enumerate(sorted({c for c in ids.values() if c is not None}))}
     chosen = _resolve(cities, ids, "cities (CSV stem, city_id in brackets)")
-    # one city per task: the CSV parsing and path building run in Arrow without the GIL
-    workers = min(len(chosen), os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
+    workers = min(len(chosen), threads or os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # one city CSV per task
         frames = list(pool.map(lambda s: read_city(csvs[s], order), chosen))
     out = pd.concat(frames, ignore_index=True)
     if check_files:
