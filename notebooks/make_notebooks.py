@@ -62,7 +62,8 @@ from pathlib import Path
 DATA_ROOT = Path(os.environ.get("VPRLIB_DATA", "../data/sample"))
 GSV_ROOT = Path(os.environ.get("GSV_CITIES_ROOT", DATA_ROOT / "GSV-Cities"))
 BENCH_ROOT = Path(os.environ.get("VPR_BENCHMARKS_ROOT", DATA_ROOT / "benchmarks"))
-FIGURES = Path("../figures")
+# Figures go to ../figures (VPRLIB_FIGURES elsewhere: `make test` keeps them out of the repo).
+FIGURES = Path(os.environ.get("VPRLIB_FIGURES", "../figures"))
 """
 
 

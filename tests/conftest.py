@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SAMPLE = REPO / "data" / "sample"
+
+# The notebooks (run under nbval) and `make notebooks` in the tests write their figures here,
+# not into the committed figures/ (some, like training times, differ on every run).
+FIGURES_TMP = tempfile.TemporaryDirectory(prefix="vprlib-test-figures-")
+os.environ.setdefault("VPRLIB_FIGURES", FIGURES_TMP.name)
 
 
 @pytest.fixture(scope="session")
