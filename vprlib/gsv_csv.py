@@ -65,7 +65,7 @@ def read_city(path: Path, city_order: Mapping[str, int]) -> pd.DataFrame:
     paths = relative_paths(columns)
     if df is None:
         table = table.append_column("place", place).append_column("path", paths)
-        return table.to_pandas(types_mapper=_TO_PANDAS)
+        return table.to_pandas(types_mapper=_TO_PANDAS, split_blocks=True)  # no block copies
     df["place"] = place.to_numpy()
     df["path"] = paths.to_pandas(types_mapper=_TO_PANDAS)
     return df
