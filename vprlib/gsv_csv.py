@@ -2,9 +2,10 @@
 
 `read_city` is what `gsv_cities.read_gsv_dataframes` runs once per city CSV (in a thread
 pool: everything heavy here runs in Arrow's C++ without the GIL). Two readers:
-- the fast one, Arrow's CSV reader with the known columns typed (int64, float64, text), for
-  the plain files the dataset has. It gives up (returns None) on anything unusual: a bad or
-  missing value, a missing, duplicated or unnamed column, several city_ids, no rows;
+- the fast one, Arrow's CSV reader with the known columns typed, for the plain files the
+  dataset has. It gives up (returns None) on anything unusual: a bad or missing value, a
+  missing or duplicated column, several city_ids, no rows, and whatever the two readers
+  could read differently (see `_read_plain_csv`);
 - the careful one, pandas, which accepts a bit more (2015.0 in an int column) and turns
   every problem into an error naming the file, column, value and row.
 Both give the same table for a plain file (tests/test_gsv_cities.py checks it).
@@ -53,22 +54,15 @@ def read_city(path: Path, city_order: Mapping[str, int]) -> pd.DataFrame:
     """One city CSV, checked, with `place` (city_order[city_id] * PLACE_STRIDE + place_id)
     and `path`."""
     table = _read_plain_csv(path)
-    if table is None:
+    if table is None:  # an unusual file: pandas reads it, or raises an error naming the problem
         df = _read_city_csv(path)
-        columns = {c: df[c] for c in COLUMNS}
-    else:
-        df = None
-        columns = {c: table[c] for c in COLUMNS}
-    city_index = city_order[_as_arrow(columns["city_id"], pa.string())[0].as_py()]
-    place_ids = np.asarray(columns["place_id"], dtype=np.int64)
-    place = pa.array(place_ids + city_index * PLACE_STRIDE)
-    paths = relative_paths(columns)
-    if df is None:
-        table = table.append_column("place", place).append_column("path", paths)
-        return table.to_pandas(types_mapper=_TO_PANDAS, split_blocks=True)  # no block copies
-    df["place"] = place.to_numpy()
-    df["path"] = paths.to_pandas(types_mapper=_TO_PANDAS)
-    return df
+        df["place"] = df["place_id"] + city_order[df["city_id"].iloc[0]] * PLACE_STRIDE
+        df["path"] = relative_paths(df).to_pandas(types_mapper=_TO_PANDAS)
+        return df
+    city_index = city_order[table["city_id"][0].as_py()]
+    place = pc.add(table["place_id"], city_index * PLACE_STRIDE)
+    table = table.append_column("place", place).append_column("path", relative_paths(table))
+    return table.to_pandas(types_mapper=_TO_PANDAS, split_blocks=True)  # no block copies
 
 
 # ---------------------------------------------------------------- the two readers
