@@ -604,6 +604,7 @@ CSV_VARIANTS = {
     "int_written_as_float": (f"{HEADER}\n{ROW.replace(',2015,', ',2015.0,')}\n", True),
     "wide_northdeg": (f"{HEADER}\n{ROW.replace(',15,', ',1234,')}\n", True),
     "panoids_of_two_lengths": (f"{HEADER}\n{ROW}\n{ROW2}xyz\n", True),
+    "quoted_newline_and_comma": (f'{HEADER},n\n{ROW},"a\nb"\n{ROW2},"c,d"\n', True),
     "extra_text_and_float": (f"{HEADER},a,b\n{ROW},x,1.5\n{ROW2},y,2\n", True),
     "plus_sign": (f"{HEADER}\n{ROW.replace(',4,', ',+4,')}\n", None),
     "exponent_int": (f"{HEADER}\n{ROW.replace(',2015,', ',2.015e3,')}\n", None),
