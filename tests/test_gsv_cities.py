@@ -70,6 +70,11 @@ def test_float_names_are_python_repr(values):
     assert gsv_csv.float_names(pd.Series(values)).to_pylist() == [repr(v) for v in values]
 
 
+def test_relative_paths_of_no_rows():
+    empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS})
+    assert gsv_csv.relative_paths(empty).to_pylist() == []
+
+
 def gsv_rows(max_northdeg: int):
     """Valid rows of several cities (northdeg up to max_northdeg)."""
     row = st.fixed_dictionaries(

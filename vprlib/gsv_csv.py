@@ -223,6 +223,8 @@ def relative_paths(columns) -> pa.Array:
     prefixes = [f"Images/{c}/{c}" for c in city.dictionary.to_pylist()]
     ints = {c: np.asarray(columns[c], dtype=np.int64) for c in INT_COLUMNS}
     n = len(city)
+    if n == 0:
+        return pa.array([], pa.string())
     head = []  # the fields before lat/lon
     if all(int(ints[c].max()) < 10 ** INT_WIDTHS[c] for c in INT_COLUMNS):
         # "<prefix>_0000130_2018_04_015" as fixed-width bytes (no Arrow join for these fields)
