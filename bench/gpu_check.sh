@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Full-size throughput check on one GPU machine (issue 8): training input pipeline vs the train
-# step, a Pitts250k-size evaluation, and the CUDA tests (tests/test_cuda.py). Runs in under
-# 9 minutes; prints a short table last.
+# Full-size throughput check on one GPU machine (issue 8): JPEG decoders, training input
+# pipeline vs the train step, a Pitts250k-size evaluation, and the CUDA tests
+# (tests/test_cuda.py). Runs in under 9 minutes; prints a short table last.
 #
 #   bash bench/gpu_check.sh                 # from the repository root (or anywhere)
 #
@@ -20,7 +20,18 @@
 # ^Requires-Dist`) are all in the GPU image this project uses, so no other wheel is needed.
 # (Match --python-version to that machine's python3.)
 #
-# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: train.log, train.json, eval.log, tests.log.
+# Optional, for bench/jpeg_decoders.py's nvImageCodec rows (the GPU's hardware JPEG engines):
+# wheels in .whl/nvimgcodec/, installed apart in /tmp/site_nvimgcodec (never on PYTHONPATH):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl/nvimgcodec \
+#       nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.0.4.44
+#
+# (-cu13 and nvjpeg 13.0 for that machine's torch 2.11.0+cu130; ~29 MB, all wheels < 64 MiB.)
+#
+# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: decoders.log, train.log, train.json,
+# eval.log, tests.log.
 # DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
 set -uo pipefail
 
@@ -61,12 +72,23 @@ fi
 
 TRAIN_ARGS=()
 EVAL_ARGS=(--full)
+DECODER_ARGS=()
 if [ "${DRY_RUN:-0}" = 1 ]; then
     TRAIN_ARGS=(--small)
     EVAL_ARGS=(--small)
+    DECODER_ARGS=(--small)
+fi
+if ls .whl/nvimgcodec/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site_nvimgcodec .whl/nvimgcodec/*.whl \
+        && DECODER_ARGS+=(--site /tmp/site_nvimgcodec)
 fi
 
 status=0
+echo "== JPEG decoders (torchvision CPU / nvJPEG, nvImageCodec backends when installed)"
+timeout 60 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"} 2>&1 \
+    | tee "$LOGS/decoders.log" || status=1
+
 echo "== training throughput (full size)"
 timeout 240 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --json "$LOGS/train.json" 2>&1 \
     | tee "$LOGS/train.log" || status=1
@@ -81,6 +103,8 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
 
 echo
 echo "== summary (bench/RESULTS.md explains the columns)"
+sed -n '/^decoder .*images\/s/,/^$/p' "$LOGS/decoders.log"
+echo
 sed -n '/^path .*pipeline/,/^best:/p' "$LOGS/train.log"
 echo
 sed -n '/^path .*Pitts250k/,/^best:/p' "$LOGS/eval.log"

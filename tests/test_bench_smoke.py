@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
@@ -83,3 +84,22 @@ def test_eval_throughput_prints_its_ratio_table():
         assert pitts > 92_230 / img_s  # extraction of every image, plus the search
     assert re.search(r"^search \+ recall at 83,950 x 8,280: [0-9.]+ s", out, re.M), out
     assert re.search(r"^best: \S+ decode, Pitts250k-test in [0-9]+ s", out, re.M), out
+
+
+def test_jpeg_decoders_prints_a_row_per_decoder():
+    out = run_small("jpeg_decoders.py")
+    lines = out.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("decoder ")))
+    rows = {" ".join(x.split()[:2]): x.split()[2:] for x in lines[start + 1 :] if x.strip()}
+    assert list(rows) == [
+        "torchvision cpu",
+        "torchvision cuda",
+        "nvimgcodec HW_GPU_ONLY",
+        "nvimgcodec GPU_ONLY",
+        "nvimgcodec HYBRID_CPU_GPU",
+        "nvimgcodec CPU_ONLY",
+    ], out
+    cpu = rows["torchvision cpu"]  # "(1 thread)" images/s "1.0x" mean|diff|
+    assert positive(cpu[2]) and cpu[3] == "1.0x" and float(cpu[4]) == 0.0, out
+    if not torch.cuda.is_available():
+        assert rows["torchvision cuda"][-2:] == ["no", "CUDA"], out
