@@ -17,7 +17,8 @@ Input paths: "cpu" (workers decode, resize and RandAugment; the device normalise
 RandAugment runs on the device; "mixed:0" = CPU decode + device augmentation), "gpu" (workers
 read bytes; the device decodes, resizes, augments). The default CUDA path (decode="auto") is
 "mixed:K//2"; the verdict is given for it. A path may carry options: "/wN" (N workers),
-"/pN" (prefetch depth N), "/noaug" (no RandAugment), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
+"/pN" (prefetch depth N), "/noaug" (no RandAugment), "/hp" (high-priority prefetch stream),
+e.g. --modes "mixed:2/w14/p2,gpu/noaug".
 A second table breaks each batch down (see `Probe`). Full-size defaults: ResNet50 cropped at
 layer4 + Conv-AP, 320x320, 100 places x 4 images, bf16 autocast, channels_last and
 torch.compile on CUDA. Model-only is measured before and after the input paths and the ratio
@@ -66,7 +67,7 @@ from vprlib.train import (  # noqa: E402
 from vprlib.transforms import prefetch_to_device  # noqa: E402
 
 CITY = "Bench"
-FULL_MODES = "cpu,mixed:0,mixed:2,mixed:3,gpu"
+FULL_MODES = "cpu,mixed:0,mixed:2,mixed:2/hp,mixed:3,gpu"
 SMALL_MODES = "cpu,mixed:2,gpu"
 
 
@@ -180,10 +181,11 @@ def model_only(trainer: Trainer, args, device: torch.device) -> float:
 
 def parse_mode(spec: str) -> dict:
     """An input path, 'cpu' | 'gpu' | 'mixed:N', optionally followed by '/wW' (W DataLoader
-    workers), '/pD' (device prefetch depth D) and '/noaug' (no RandAugment), e.g.
-    'mixed:2/w14/p2' -> {"dataset": GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2}."""
+    workers), '/pD' (device prefetch depth D), '/noaug' (no RandAugment) and '/hp' (the
+    prefetch stream at high CUDA priority), e.g. 'mixed:2/w14/p2' -> {"dataset":
+    GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2, "priority": 0}."""
     mode, *options = spec.split("/")
-    out: dict = {"dataset": {}, "workers": None, "prefetch": None}
+    out: dict = {"dataset": {}, "workers": None, "prefetch": None, "priority": 0}
     if mode in ("cpu", "gpu"):
         out["dataset"]["decode"] = mode
     elif mode.startswith("mixed:") and mode[6:].isdigit():
@@ -193,10 +195,12 @@ def parse_mode(spec: str) -> dict:
     for option in options:
         if option == "noaug":
             out["dataset"]["augment"] = False
+        elif option == "hp":
+            out["priority"] = -1
         elif option[:1] in ("w", "p") and option[1:].isdigit():
             out["workers" if option[0] == "w" else "prefetch"] = int(option[1:])
         else:
-            raise ValueError(f"unknown option {option!r} in {spec!r}: use /wN, /pN or /noaug")
+            raise ValueError(f"unknown option {option!r} in {spec!r}: use /wN, /pN, /noaug, /hp")
     return out
 
 
@@ -251,14 +255,16 @@ def pipeline_warmup(args, workers: int, prefetch: int) -> int:
     return max(args.warmup_steps, 2 * workers + prefetch + 1)
 
 
-def run_pipeline(args, device, dataset, loader, sampler, epoch, prefetch, warmup, trainer=None):
+def run_pipeline(
+    args, device, dataset, loader, sampler, epoch, prefetch, warmup, trainer=None, priority=0
+):
     """Images/s over args.steps batches after `warmup` batches of one epoch of `loader`,
     through the same DataLoader -> prefetch_to_device -> batch_to_device path as fit, with
     train_step when `trainer` is given; plus the Probe's breakdown and the main process's CPU
     use (cores busy: its threads' CPU time / wall time) over the timed batches."""
     sampler.set_epoch(epoch)
     probe = Probe(loader, dataset, device, args.channels_last)
-    batches = prefetch_to_device(probe, probe.to_device, device, prefetch)
+    batches = prefetch_to_device(probe, probe.to_device, device, prefetch, priority)
     images, t0, cpu0 = 0, None, None
     with contextlib.closing(batches):
         for i, (x, labels) in enumerate(batches):
@@ -294,8 +300,10 @@ def measure_mode(args, device, root: Path, spec: str, index: int, trainer: Train
         max_steps_per_epoch=warmup + args.steps,
     )
     try:
-        pipeline = run_pipeline(args, device, dataset, loader, sampler, 0, prefetch, warmup)
-        e2e = run_pipeline(args, device, dataset, loader, sampler, 1, prefetch, warmup, trainer)
+        common = (args, device, dataset, loader, sampler)
+        priority = mode["priority"]
+        pipeline = run_pipeline(*common, 0, prefetch, warmup, priority=priority)
+        e2e = run_pipeline(*common, 1, prefetch, warmup, trainer, priority=priority)
     finally:
         del loader, sampler
         gc.collect()  # shuts the persistent workers down

@@ -149,3 +149,24 @@ def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
     if gpu_decode is None:  # the default decodes the .jpg files with nvJPEG on CUDA
         nvjpeg = extract_descriptors(model, paths, device="cuda", gpu_decode=True, **kw)
         assert np.array_equal(on_gpu, nvjpeg)
+
+
+@pytest.mark.parametrize("priority", [0, -1])
+def test_prefetch_side_stream_priority(priority):
+    """prefetch_to_device prepares batches on a side stream of the asked priority (clamped to
+    the device's range) and hands over the same values whatever the priority."""
+    from vprlib.transforms import prefetch_to_device
+
+    seen = []
+
+    def prepare(x):
+        stream = torch.cuda.current_stream()
+        seen.append(stream.priority)
+        return x.to(CUDA, non_blocking=True) * 2
+
+    batches = [torch.arange(1000.0) + i for i in range(5)]
+    out = list(prefetch_to_device(batches, prepare, CUDA, depth=2, priority=priority))
+    assert all(torch.equal(o.cpu(), b * 2) for o, b in zip(out, batches, strict=True))
+    lo, hi = sorted(torch.cuda.Stream.priority_range())  # e.g. (-5, 0): -5 is the highest
+    want = min(max(priority, lo), hi)
+    assert seen == [want] * 5, seen

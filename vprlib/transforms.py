@@ -614,11 +614,15 @@ def prefetch_to_device(
     to_device: Callable,
     device: torch.device | str,
     depth: int = 1,
+    priority: int = 0,
 ) -> Iterator:
     """Yield `to_device(batch)` for each batch, computed up to `depth` batches ahead in a
     background thread, so that decoding/augmenting/copying the next batch overlaps the
     training step on the current one. On CUDA the thread works on a side stream and the
     consumer's stream waits on an event per batch (no host sync). depth=0: plain loop.
+    `priority`: that side stream's CUDA priority (lower is higher, e.g. -1: the GPU starts
+    the preparation's small kernels ahead of the step's queued ones; clamped to the device's
+    range; bench/train_throughput.py's "/hp" option measures it).
 
     Errors raised while loading or preparing a batch are re-raised in the consumer. Closing
     the generator (e.g. `break`) stops the thread after at most one more batch.
@@ -631,7 +635,7 @@ def prefetch_to_device(
     iterator = iter(batches)  # made here: a DataLoader iterator wants the main thread
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    stream = torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
 
     def put(item) -> bool:
         while not stop.is_set():
