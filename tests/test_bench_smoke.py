@@ -103,3 +103,23 @@ def test_jpeg_decoders_prints_a_row_per_decoder():
     assert positive(cpu[2]) and cpu[3] == "1.0x" and float(cpu[4]) == 0.0, out
     if not torch.cuda.is_available():
         assert rows["torchvision cuda"][-2:] == ["no", "CUDA"], out
+
+
+def test_train_throughput_mode_specs():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    spec = tt.parse_mode("mixed:2/w14/p2/hp")
+    assert spec == {
+        "dataset": {"decode": "mixed", "gpu_images": 2},
+        "workers": 14,
+        "prefetch": 2,
+        "priority": -1,
+    }
+    assert tt.parse_mode("gpu/noaug")["dataset"] == {"decode": "gpu", "augment": False}
+    assert tt.parse_mode("cpu")["priority"] == 0
+    for bad, message in [("tpu", "unknown mode"), ("cpu/fast", "unknown option 'fast'")]:
+        with pytest.raises(ValueError, match=message):
+            tt.parse_mode(bad)
