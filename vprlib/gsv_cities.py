@@ -8,7 +8,8 @@ On disk (see data/README.md)::
 
 `read_gsv_dataframes` reads the CSVs into one table with a `place` id unique across cities
 (city index * 10**5 + place_id, cities in sorted city_id order) and the image `path`
-relative to the root, as it exists on disk (.jpg or .JPG).
+relative to the root, as it exists on disk (.jpg or .JPG); the reading of each city CSV and
+the building of its paths (Arrow, one thread per CSV) live in `gsv_csv`.
 
 `GSVCitiesDataset` yields one place per item: K images of the place and K equal labels.
 The CPU path (decode="cpu", and the items of the default decode="auto"), chosen by
