@@ -67,7 +67,7 @@ from vprlib.train import (  # noqa: E402
 from vprlib.transforms import prefetch_to_device  # noqa: E402
 
 CITY = "Bench"
-FULL_MODES = "cpu,mixed:0,mixed:2,mixed:2/hp,mixed:3,gpu"
+FULL_MODES = "cpu,mixed:0,mixed:2,mixed:2/hp,mixed:3,gpu,gpu/hp"
 SMALL_MODES = "cpu,mixed:2,gpu"
 
 
