@@ -90,7 +90,7 @@ timeout 60 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"
     | tee "$LOGS/decoders.log" || status=1
 
 echo "== training throughput (full size)"
-timeout 240 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --json "$LOGS/train.json" 2>&1 \
+timeout 300 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --json "$LOGS/train.json" 2>&1 \
     | tee "$LOGS/train.log" || status=1
 
 echo "== evaluation throughput (Pitts250k-test size)"
