@@ -91,11 +91,11 @@ def _read_plain_csv(path: Path) -> pa.Table | None:
     if table.num_rows == 0 or len(set(names)) < len(names) or not set(COLUMNS) <= set(names):
         return None
     table = table.rename_columns(names).combine_chunks()
-    for col in names:
-        if table[col].null_count or table[col].type not in _PLAIN_TYPES:
-            return None
-        if col not in COLUMNS and table[col].type == pa.int64() and _hex_number_cell(data, names):
-            return None
+    if any(table[c].null_count or table[c].type not in _PLAIN_TYPES for c in names):
+        return None
+    int_extras = [c for c in names if c not in COLUMNS and table[c].type == pa.int64()]
+    if int_extras and _hex_number_cell(data, names):  # one scan of the file, at most
+        return None
     for col in (*INT_COLUMNS, *FLOAT_COLUMNS):
         lo, hi = VALUE_RANGES[col]
         v = table[col].to_numpy()

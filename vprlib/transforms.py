@@ -483,7 +483,7 @@ def draw_plans(
     (op index into FastRandAugment.ops, negate). The same choices as FastRandAugment called
     after torch.manual_seed(seed); the global RNG is left untouched. Only the CPU generator is
     seeded: torch.manual_seed would also reseed every GPU generator (and costs ~0.5 ms)."""
-    aug = FastRandAugment(num_ops=num_ops, interpolation=interpolation)
+    aug = _augmenter(num_ops, interpolation)
     plans = torch.zeros((len(seeds), num_ops, 2), dtype=torch.int64)
     with torch.random.fork_rng(devices=[]):
         for i, seed in enumerate(seeds):
