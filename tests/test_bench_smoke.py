@@ -4,6 +4,8 @@ Each runs in a fresh subprocess, as `make bench` would run it; the numbers thems
 not checked (this machine's timings are noise), only that they are there and make sense.
 """
 
+import gzip
+import json
 import math
 import re
 import subprocess
@@ -99,8 +101,10 @@ def test_jpeg_decoders_prints_a_row_per_decoder():
         "nvimgcodec HYBRID_CPU_GPU",
         "nvimgcodec CPU_ONLY",
     ], out
-    cpu = rows["torchvision cpu"]  # "(1 thread)" images/s "1.0x" mean|diff|
+    cpu = rows["torchvision cpu"]  # "(1 thread)" images/s "1.0x" mean|diff| beside kept
     assert positive(cpu[2]) and cpu[3] == "1.0x" and float(cpu[4]) == 0.0, out
+    assert positive(cpu[5]) and cpu[6].endswith("%") and positive(cpu[6][:-1]), out
+    assert re.search(rf"^busy work: 256x256 matrix products on \S+, {NUMBER}/s alone", out, re.M)
     if not torch.cuda.is_available():
         assert rows["torchvision cuda"][-2:] == ["no", "CUDA"], out
 
@@ -123,3 +127,32 @@ def test_train_throughput_mode_specs():
     for bad, message in [("tpu", "unknown mode"), ("cpu/fast", "unknown option 'fast'")]:
         with pytest.raises(ValueError, match=message):
             tt.parse_mode(bad)
+
+
+def test_train_throughput_traces_the_default_path(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "train_throughput.py"),
+            "--small",
+            "--modes",
+            "mixed:2",
+            "--trace",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # on the CPU the default path is "cpu" (what decode="auto" picks), traced though not timed
+    assert "trace of cpu: 2 steps" in proc.stdout, proc.stdout
+    with gzip.open(tmp_path / "trace_cpu.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    # the step (its backward) and the prefetch thread's DataLoader reads are both in it
+    assert "aten::convolution_backward" in names
+    assert any(n.startswith("enumerate(DataLoader)") for n in names)
+    assert len({e.get("tid") for e in events if e.get("ph") == "X"}) >= 2  # two threads
