@@ -31,7 +31,8 @@
 # (-cu13 and nvjpeg 13.0 for that machine's torch 2.11.0+cu130; ~29 MB, all wheels < 64 MiB.)
 #
 # Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: decoders.log, train.log, train.json,
-# eval.log, tests.log.
+# trace_mixed_2.json.gz (a torch.profiler record of the default path, end to end: open it in
+# ui.perfetto.dev), eval.log, tests.log.
 # DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
 set -uo pipefail
 
@@ -90,7 +91,8 @@ timeout 60 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"
     | tee "$LOGS/decoders.log" || status=1
 
 echo "== training throughput (full size)"
-timeout 300 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --json "$LOGS/train.json" 2>&1 \
+timeout 320 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} \
+    --json "$LOGS/train.json" --trace "$LOGS" 2>&1 \
     | tee "$LOGS/train.log" || status=1
 
 echo "== evaluation throughput (Pitts250k-test size)"

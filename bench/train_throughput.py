@@ -18,7 +18,7 @@ RandAugment runs on the device; "mixed:0" = CPU decode + device augmentation), "
 read bytes; the device decodes, resizes, augments). The default CUDA path (decode="auto") is
 "mixed:K//2"; the verdict is given for it. A path may carry options: "/wN" (N workers),
 "/pN" (prefetch depth N), "/noaug" (no RandAugment), "/hp" (high-priority prefetch stream),
-e.g. --modes "mixed:2/w14/p2,gpu/noaug".
+"/2s" (decoding and augmenting in two prefetch threads), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
 A second table breaks each batch down (see `Probe`). Full-size defaults: ResNet50 cropped at
 layer4 + Conv-AP, 320x320, 100 places x 4 images, bf16 autocast, channels_last and
 torch.compile on CUDA. Model-only is measured before and after the input paths and the ratio
@@ -58,18 +58,17 @@ from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
 from vprlib.losses import get_loss, get_miner  # noqa: E402
 from vprlib.models import VPRModel  # noqa: E402
 from vprlib.train import (  # noqa: E402
-    batch_preparer,
     default_num_workers,
+    device_batches,
     make_loader,
     make_optimizer,
     resolve_precision,
     train_step,
 )
-from vprlib.transforms import prefetch_to_device  # noqa: E402
 
 CITY = "Bench"
-FULL_MODES = "cpu,mixed:0,mixed:2,mixed:2/hp,mixed:3,gpu,gpu/hp"
-SMALL_MODES = "cpu,mixed:2,gpu"
+FULL_MODES = "cpu,mixed:2,mixed:2/hp,mixed:2/2s,mixed:3,gpu,gpu/2s"
+SMALL_MODES = "cpu,mixed:2,gpu,gpu/2s/p1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,11 +181,12 @@ def model_only(trainer: Trainer, args, device: torch.device) -> float:
 
 def parse_mode(spec: str) -> dict:
     """An input path, 'cpu' | 'gpu' | 'mixed:N', optionally followed by '/wW' (W DataLoader
-    workers), '/pD' (device prefetch depth D), '/noaug' (no RandAugment) and '/hp' (the
-    prefetch stream at high CUDA priority), e.g. 'mixed:2/w14/p2' -> {"dataset":
-    GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2, "priority": 0}."""
+    workers), '/pD' (device prefetch depth D), '/noaug' (no RandAugment), '/hp' (the
+    prefetch stream at high CUDA priority) and '/2s' (decode and augment in two prefetch
+    threads: device_batches(stages=2)), e.g. 'mixed:2/w14/p2' -> {"dataset":
+    GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2, "priority": 0, "stages": 1}."""
     mode, *options = spec.split("/")
-    out: dict = {"dataset": {}, "workers": None, "prefetch": None, "priority": 0}
+    out: dict = {"dataset": {}, "workers": None, "prefetch": None, "priority": 0, "stages": 1}
     if mode in ("cpu", "gpu"):
         out["dataset"]["decode"] = mode
     elif mode.startswith("mixed:") and mode[6:].isdigit():
@@ -198,23 +198,34 @@ def parse_mode(spec: str) -> dict:
             out["dataset"]["augment"] = False
         elif option == "hp":
             out["priority"] = -1
+        elif option == "2s":
+            out["stages"] = 2
         elif option[:1] in ("w", "p") and option[1:].isdigit():
             out["workers" if option[0] == "w" else "prefetch"] = int(option[1:])
         else:
-            raise ValueError(f"unknown option {option!r} in {spec!r}: use /wN, /pN, /noaug, /hp")
+            raise ValueError(
+                f"unknown option {option!r} in {spec!r}: use /wN, /pN, /noaug, /hp, /2s"
+            )
     return out
 
 
 class Probe:
-    """The DataLoader side of fit's input pipeline (`device_batches`), instrumented: per batch,
-    the time the prefetch thread waited for the workers, its host time preparing the batch on
-    the device, and that preparation's span on the device's stream (CUDA events)."""
+    """fit's input pipeline (`device_batches`) instrumented: it stands in for both the
+    DataLoader (timing how long the prefetch thread waits for the workers) and the dataset
+    (timing each device half: `batch_to_device`, or `decode_on_device` + `augment_on_device`
+    for stages=2, as host time and as span on the device's stream with CUDA events)."""
 
-    def __init__(self, loader, dataset, device: torch.device, channels_last: bool):
+    def __init__(self, loader, dataset, device: torch.device):
         self.iterator = iter(loader)  # made here: a DataLoader iterator wants the main thread
-        self.prepare = batch_preparer(dataset, device, channels_last)  # what fit runs
+        self.dataset = dataset
         self.device = device
-        self.wait, self.host, self.events = [], [], []
+        self.wait: list[float] = []
+        self.host: dict[str, list[float]] = {}
+        self.events: dict[str, list] = {}
+        self.batch_to_device = self.timed("batch_to_device")
+        if hasattr(dataset, "decode_on_device"):
+            self.decode_on_device = self.timed("decode_on_device")
+            self.augment_on_device = self.timed("augment_on_device")
 
     def __iter__(self):
         return self
@@ -225,28 +236,41 @@ class Probe:
         self.wait.append(time.perf_counter() - t)
         return batch
 
-    def to_device(self, batch):
-        t = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        out = self.prepare(batch)
-        if cuda:
-            end.record()
-            self.events.append((begin, end))
-        self.host.append(time.perf_counter() - t)
-        return out
+    def timed(self, name: str):
+        """The dataset's method `name`, timed per call."""
+        method = getattr(self.dataset, name)
+        host, events = self.host.setdefault(name, []), self.events.setdefault(name, [])
+
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            cuda = self.device.type == "cuda"
+            if cuda:
+                begin = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                begin.record()
+            out = method(*args, **kwargs)
+            if cuda:
+                end.record()
+                events.append((begin, end))
+            host.append(time.perf_counter() - t)
+            return out
+
+        return call
 
     def summary(self, first: int, count: int) -> dict:
-        """Mean milliseconds per batch over batches first .. first + count - 1."""
+        """Mean milliseconds per batch over batches first .. first + count - 1 (the device
+        halves of stages=2 added up)."""
 
         def ms(values):
             part = values[first : first + count]
             return 1e3 * float(np.mean(part)) if part else float("nan")
 
-        gpu = [b.elapsed_time(e) / 1e3 for b, e in self.events]
-        return {"wait_ms": ms(self.wait), "host_ms": ms(self.host), "gpu_ms": ms(gpu)}
+        used = [name for name, times in self.host.items() if times]
+        host = sum(ms(self.host[name]) for name in used) if used else float("nan")
+        gpu = float("nan")
+        if self.device.type == "cuda" and used:
+            gpu = sum(ms([b.elapsed_time(e) / 1e3 for b, e in self.events[n]]) for n in used)
+        return {"wait_ms": ms(self.wait), "host_ms": host, "gpu_ms": gpu}
 
 
 def pipeline_warmup(args, workers: int, prefetch: int) -> int:
@@ -263,20 +287,24 @@ def run_pipeline(
     loader,
     sampler,
     epoch,
-    prefetch,
     warmup,
     trainer=None,
-    priority=0,
     profiler=None,
+    *,
+    prefetch: int,
+    priority: int = 0,
+    stages: int = 1,
 ):
     """Images/s over args.steps batches after `warmup` batches of one epoch of `loader`,
-    through the same DataLoader -> prefetch_to_device -> batch_to_device path as fit, with
+    through fit's DataLoader -> device_batches path (`stages` threads preparing), with
     train_step when `trainer` is given; plus the Probe's breakdown and the main process's CPU
     use (cores busy: its threads' CPU time / wall time) over the timed batches. A
     `profiler` (torch.profiler.profile, not started) records the timed batches."""
     sampler.set_epoch(epoch)
-    probe = Probe(loader, dataset, device, args.channels_last)
-    batches = prefetch_to_device(probe, probe.to_device, device, prefetch, priority)
+    probe = Probe(loader, dataset, device)
+    batches = device_batches(
+        probe, probe, device, args.channels_last, prefetch, stages=stages, priority=priority
+    )
     images, t0, cpu0 = 0, None, None
     with contextlib.closing(batches), contextlib.ExitStack() as recording:
         for i, (x, labels) in enumerate(batches):
@@ -297,8 +325,9 @@ def run_pipeline(
 
 @contextlib.contextmanager
 def mode_loader(args, device, root: Path, spec: str, index: int):
-    """The dataset and DataLoader (persistent workers, as in fit) of one input path, with
-    its prefetch depth, stream priority and warm-up; the workers end on leaving."""
+    """The dataset and DataLoader (persistent workers, as in fit) of one input path, its
+    warm-up and its device_batches options (prefetch, priority, stages); the workers end
+    on leaving."""
     mode = parse_mode(spec)
     workers = args.num_workers if mode["workers"] is None else mode["workers"]
     prefetch = args.prefetch if mode["prefetch"] is None else mode["prefetch"]
@@ -315,7 +344,8 @@ def mode_loader(args, device, root: Path, spec: str, index: int):
         max_steps_per_epoch=warmup + args.steps,
     )
     try:
-        yield (args, device, dataset, loader, sampler), prefetch, warmup, mode["priority"]
+        options = {"prefetch": prefetch, "priority": mode["priority"], "stages": mode["stages"]}
+        yield (args, device, dataset, loader, sampler), warmup, options
     finally:
         del loader, sampler
         gc.collect()  # shuts the persistent workers down
@@ -324,9 +354,9 @@ def mode_loader(args, device, root: Path, spec: str, index: int):
 def measure_mode(args, device, root: Path, spec: str, index: int, trainer: Trainer) -> dict:
     """Pipeline-only and end-to-end images/s of one input path. One DataLoader serves both,
     one epoch each."""
-    with mode_loader(args, device, root, spec, index) as (common, prefetch, warmup, priority):
-        pipeline = run_pipeline(*common, 0, prefetch, warmup, priority=priority)
-        e2e = run_pipeline(*common, 1, prefetch, warmup, trainer, priority=priority)
+    with mode_loader(args, device, root, spec, index) as (common, warmup, options):
+        pipeline = run_pipeline(*common, 0, warmup, **options)
+        e2e = run_pipeline(*common, 1, warmup, trainer, **options)
     return {
         "mode": spec,
         "pipeline": pipeline["img_s"],
@@ -348,8 +378,8 @@ def trace_mode(args, device, root: Path, spec: str, index: int, trainer: Trainer
         activities.append(ProfilerActivity.CUDA)
     profiler = profile(activities=activities)
     steps = argparse.Namespace(**{**vars(args), "steps": args.trace_steps})
-    with mode_loader(steps, device, root, spec, index) as (common, prefetch, warmup, priority):
-        result = run_pipeline(*common, 1, prefetch, warmup, trainer, priority, profiler)
+    with mode_loader(steps, device, root, spec, index) as (common, warmup, options):
+        result = run_pipeline(*common, 1, warmup, trainer, profiler, **options)
     out.mkdir(parents=True, exist_ok=True)
     name = "trace_" + "".join(c if c.isalnum() else "_" for c in spec) + ".json"
     profiler.export_chrome_trace(str(out / name))

@@ -69,9 +69,9 @@ def table_rows(out: str, header: str) -> dict[str, list[str]]:
 def test_train_throughput_prints_its_ratio_table():
     out = run_small("train_throughput.py")
     rows = table_rows(out, "path pipeline img/s end-to-end img/s ratio e2e/model")
-    assert list(rows) == ["model", "cpu", "mixed:2", "gpu"], out
+    assert list(rows) == ["model", "cpu", "mixed:2", "gpu", "gpu/2s/p1"], out
     assert rows["model"][-1] == "1.00"
-    for mode in ("cpu", "mixed:2", "gpu"):
+    for mode in ("cpu", "mixed:2", "gpu", "gpu/2s/p1"):
         assert len(rows[mode]) == 3 and all(positive(v) for v in rows[mode])
     assert re.search(r"^best: \S+ at [0-9.]+ of model-only", out, re.M), out
 
@@ -121,7 +121,9 @@ def test_train_throughput_mode_specs():
         "workers": 14,
         "prefetch": 2,
         "priority": -1,
+        "stages": 1,
     }
+    assert tt.parse_mode("gpu/2s")["stages"] == 2
     assert tt.parse_mode("gpu/noaug")["dataset"] == {"decode": "gpu", "augment": False}
     assert tt.parse_mode("cpu")["priority"] == 0
     for bad, message in [("tpu", "unknown mode"), ("cpu/fast", "unknown option 'fast'")]:

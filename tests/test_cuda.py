@@ -30,6 +30,12 @@ CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 
 
+def finish(ds, encoded, device) -> torch.Tensor:
+    """The uint8 batch `batch_to_device` normalises: decoded, resized and augmented."""
+    images, plans = ds.decode_on_device(encoded, device)
+    return images if plans is None else apply_plans(images, plans, ds.interpolation)
+
+
 def level_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| of two uint8 batches, in grey levels, on the CPU."""
     assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape
@@ -43,8 +49,8 @@ def test_device_decode_and_augment_match_the_cpu(gsv_root, decode, gpu_images, a
         gsv_root, image_size=SIZE, decode=decode, gpu_images=gpu_images, augment=augment, seed=5
     )
     enc, _ = ds.collate_fn([ds[i] for i in range(6)])
-    on_cpu = ds._finish_on_device(enc, CPU)
-    on_gpu = ds._finish_on_device(enc, CUDA)
+    on_cpu = finish(ds, enc, CPU)
+    on_gpu = finish(ds, enc, CUDA)
     assert on_gpu.device.type == "cuda" and on_gpu.shape == (24, 3, *SIZE)
     diff = level_differences(on_gpu, on_cpu)
     # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): 1-2 levels on
@@ -63,7 +69,7 @@ def test_device_randaugment_stays_per_image(gsv_root):
     enc, _ = ds.collate_fn([ds[i] for i in range(8)])
     plain = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=False, seed=1)
     raw, _ = plain.collate_fn([plain[i] for i in range(8)])
-    images = plain._finish_on_device(raw, CUDA)  # decoded + resized, not augmented
+    images = finish(plain, raw, CUDA)  # decoded + resized, not augmented
     plans = enc.plans.reshape(len(images), *enc.plans.shape[-2:])
     assert len({tuple(map(tuple, p.tolist())) for p in plans}) > len(plans) // 2
     together = apply_plans(images, plans.to(CUDA), ds.interpolation)
@@ -74,7 +80,7 @@ def test_device_randaugment_stays_per_image(gsv_root):
         ]
     )
     assert torch.equal(together, one_by_one)
-    assert torch.equal(together, ds._finish_on_device(enc, CUDA))
+    assert torch.equal(together, finish(ds, enc, CUDA))
 
 
 def tiny_model() -> vprlib.VPRModel:
@@ -170,3 +176,20 @@ def test_prefetch_side_stream_priority(priority):
     lo, hi = sorted(torch.cuda.Stream.priority_range())  # e.g. (-5, 0): -5 is the highest
     want = min(max(priority, lo), hi)
     assert seen == [want] * 5, seen
+
+
+@pytest.mark.parametrize("decode", ["mixed", "gpu"])
+def test_two_stage_device_batches_on_cuda_equal_one_stage(gsv_root, decode):
+    """device_batches(stages=2): decode and augment in two threads on two side streams, each
+    batch handed from one stream to the next by events; the batches equal one stage's."""
+    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode=decode, seed=2)
+
+    def batches(**kw):
+        loader, sampler = TR.make_loader(ds, 8, seed=0, num_workers=2, device=CUDA)
+        sampler.set_epoch(0)
+        return [(x.cpu(), y.cpu()) for x, y in TR.device_batches(loader, ds, CUDA, True, **kw)]
+
+    one, two = batches(prefetch=1), batches(prefetch=2, stages=2, priority=-1)
+    assert len(one) == len(two) > 1
+    for (x1, y1), (x2, y2) in zip(one, two, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

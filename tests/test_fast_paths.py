@@ -214,6 +214,59 @@ def test_prefetch_stops_its_thread_on_break():
     assert source.taken <= 4 + 2 + 1  # consumed, queued, one in hand
 
 
+def test_chained_prefetch_stages_keep_order_errors_and_stop():
+    before = threading.active_count()
+    first = T.prefetch_to_device(Batches(6), lambda b: b * 10, "cpu", depth=2)
+    out = list(T.prefetch_to_device(first, lambda b: b + 1, "cpu", depth=1))
+    assert [int(x) for x in out] == [1, 11, 21, 31, 41, 51]
+    with pytest.raises(OSError, match="batch 3"):  # an error of the first stage's source
+        list(
+            T.prefetch_to_device(
+                T.prefetch_to_device(Batches(6, 3), lambda b: b, "cpu", 1), lambda b: b, "cpu", 1
+            )
+        )
+    source = Batches(100)
+    second = T.prefetch_to_device(
+        T.prefetch_to_device(source, lambda b: b, "cpu", 2), lambda b: b, "cpu", 1
+    )
+    for x in second:
+        if int(x) == 3:
+            break
+    second.close()  # stops both threads
+    assert threading.active_count() == before
+    assert source.taken <= 4 + 2 + 1 + 1 + 1 + 1  # consumed, queued, in hand per stage
+
+
+@pytest.mark.parametrize(("decode", "workers"), [("gpu", 0), ("mixed", 1), ("cpu", 0)])
+def test_two_stage_device_batches_equal_one_stage(gsv_root, decode, workers):
+    ds = G.GSVCitiesDataset(gsv_root, image_size=(32, 32), decode=decode, seed=3)
+    cpu = torch.device("cpu")
+
+    def batches(**kw):
+        loader, sampler = TR.make_loader(ds, 4, seed=0, num_workers=workers, device=cpu)
+        sampler.set_epoch(0)
+        return list(TR.device_batches(loader, ds, cpu, channels_last=True, **kw))
+
+    one, two = batches(), batches(prefetch=2, stages=2)
+    assert len(one) == len(two) == -(-len(ds) // 4)  # every place once, the last batch short
+    for (x1, y1), (x2, y2) in zip(one, two, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert x2.dtype == torch.float32 and x2.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="needs prefetch > 0"):
+        batches(prefetch=0, stages=2)
+    with pytest.raises(ValueError, match="stages must be 1 or 2"):
+        batches(prefetch=1, stages=3)
+
+
+def test_two_stages_for_a_dataset_without_device_halves(gsv_root):
+    ds = G.GSVCitiesDataset(gsv_root, image_size=(32, 32), decode="cpu", seed=3)
+    loader, _ = TR.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
+    images, labels = next(iter(loader))
+    decode, augment = TR.batch_stages(object(), torch.device("cpu"))
+    x, y = augment(decode((images, labels)))
+    assert torch.equal(x, T.to_model_input(images, "cpu")) and torch.equal(y, labels.reshape(-1))
+
+
 def tiny_model():
     torch.manual_seed(0)
     return vprlib.VPRModel(

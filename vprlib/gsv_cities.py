@@ -60,6 +60,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -716,13 +717,18 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
 
     def batch_to_device(self, images, device, channels_last: bool = False) -> torch.Tensor:
         """A collated batch -> normalised float [P*K,3,H,W] on `device`. For decode="gpu" and
-        "mixed" this decodes (nvJPEG on CUDA), resizes and RandAugments on the device."""
-        if isinstance(images, EncodedImages):
-            images = self._finish_on_device(images, torch.device(device))
-        return to_model_input(images, device, channels_last=channels_last)
+        "mixed" this decodes (nvJPEG on CUDA), resizes and RandAugments on the device.
+        Equal to `augment_on_device(decode_on_device(...))`, its two halves."""
+        return self.augment_on_device(self.decode_on_device(images, device), device, channels_last)
 
-    def _finish_on_device(self, images: EncodedImages, device: torch.device) -> torch.Tensor:
-        """EncodedImages -> uint8 [N,3,H,W] on `device`, decoded, resized and augmented."""
+    def decode_on_device(self, images, device) -> DecodedImages | torch.Tensor:
+        """First half of `batch_to_device`: EncodedImages -> DecodedImages (uint8 on
+        `device`, decoded and resized, not yet augmented); a batch the workers finished is
+        returned as it is. Decoding waits for the device (nvJPEG returns when done), so
+        `train.device_batches(stages=2)` runs this half in a thread of its own."""
+        if not isinstance(images, EncodedImages):
+            return images
+        device = torch.device(device)
         places = images.shape[0] if len(images.shape) == 2 else 1
         size = self.image_size
         parts = []
@@ -732,10 +738,27 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
             batch = decode_jpeg_batch(images.data, device, size, self.interpolation, images.paths)
             parts.append(batch.view(places, -1, 3, *size))
         batch = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        batch = batch.flatten(0, 1)
-        if images.plans is not None:
-            batch = apply_plans(batch, images.plans, self.interpolation)
-        return batch
+        return DecodedImages(batch.flatten(0, 1), images.plans)
+
+    def augment_on_device(
+        self, images: DecodedImages | torch.Tensor, device, channels_last: bool = False
+    ) -> torch.Tensor:
+        """Second half of `batch_to_device`: RandAugment the DecodedImages by their plans
+        (each image its own ops) and normalise -> float [N,3,H,W] on `device`."""
+        if isinstance(images, DecodedImages):
+            batch = images.images
+            if images.plans is not None:
+                batch = apply_plans(batch, images.plans, self.interpolation)
+            images = batch
+        return to_model_input(images, device, channels_last=channels_last)
+
+
+class DecodedImages(NamedTuple):
+    """A batch decoded on the device, not yet augmented: uint8 [N,3,H,W] and each image's
+    RandAugment plan (int64 [N, num_ops, 2], on the CPU) or None."""
+
+    images: torch.Tensor
+    plans: torch.Tensor | None
 
 
 def _gpu_images(decode: str, gpu_images: int | None, k: int) -> int:

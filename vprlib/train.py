@@ -205,16 +205,37 @@ def make_loader(
 
 
 def device_batches(
-    loader, dataset, device: torch.device, channels_last: bool = False, prefetch: int = 0
+    loader,
+    dataset,
+    device: torch.device,
+    channels_last: bool = False,
+    prefetch: int = 0,
+    *,
+    stages: int = 1,
+    priority: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """fit's input pipeline after the DataLoader: each batch -> (normalised float images
     [N,3,H,W], labels [N]) on `device`, through the dataset's `batch_to_device` (decoding and
     augmenting on the device for decode="gpu"/"mixed") or `to_model_input`. With prefetch=n,
-    up to n batches are prepared ahead in a background thread (on CUDA on a side stream), so
-    that work overlaps the training step; 0 keeps the plain loop.
+    up to n batches are prepared ahead in a background thread (on CUDA on a side stream of
+    CUDA `priority`), so that work overlaps the training step; 0 keeps the plain loop.
+
+    stages=2 (needs prefetch > 0): decoding and augmenting (`batch_stages`) run in two such
+    threads, one batch apart, so that the wait for one batch's decode (nvJPEG returns only
+    when done) overlaps the next batch's augmentation.
     """
+    if stages not in (1, 2):
+        raise ValueError(f"stages must be 1 or 2, got {stages!r}")
+    if stages == 2:
+        if prefetch <= 0:
+            raise ValueError(
+                f"stages=2 prepares batches in threads: it needs prefetch > 0, got {prefetch}"
+            )
+        decode, augment = batch_stages(dataset, device, channels_last)
+        decoded = prefetch_to_device(iter(loader), decode, device, prefetch, priority)
+        return prefetch_to_device(decoded, augment, device, 1, priority)
     to_device = batch_preparer(dataset, device, channels_last)
-    return prefetch_to_device(loader, to_device, device, prefetch)
+    return prefetch_to_device(loader, to_device, device, prefetch, priority)
 
 
 def batch_preparer(dataset, device: torch.device, channels_last: bool = False) -> Callable:
@@ -233,6 +254,27 @@ def batch_preparer(dataset, device: torch.device, channels_last: bool = False) -
         return x, labels.reshape(-1).to(device, non_blocking=True)
 
     return to_device
+
+
+def batch_stages(
+    dataset, device: torch.device, channels_last: bool = False
+) -> tuple[Callable, Callable]:
+    """`batch_preparer` cut in two for device_batches(stages=2): (images, labels) ->
+    (decoded, labels on `device`) -> (normalised float images, labels), through the
+    dataset's `decode_on_device` and `augment_on_device` (a dataset without them: labels
+    first, then `batch_preparer`'s images)."""
+    to_decoded = getattr(dataset, "decode_on_device", lambda images, device: images)
+    to_model = getattr(dataset, "augment_on_device", to_model_input)
+
+    def decode(batch):
+        images, labels = batch
+        return to_decoded(images, device), labels.reshape(-1).to(device, non_blocking=True)
+
+    def augment(batch):
+        decoded, labels = batch
+        return to_model(decoded, device, channels_last=channels_last), labels
+
+    return decode, augment
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -625,7 +625,8 @@ def prefetch_to_device(
     range; bench/train_throughput.py's "/hp" option measures it).
 
     Errors raised while loading or preparing a batch are re-raised in the consumer. Closing
-    the generator (e.g. `break`) stops the thread after at most one more batch.
+    the generator (e.g. `break`) stops the thread after at most one more batch, and closes
+    `batches` when it is a generator (e.g. another prefetch_to_device: two chained stages).
     """
     device = torch.device(device)
     if depth <= 0:
@@ -681,3 +682,6 @@ def prefetch_to_device(
     finally:
         stop.set()
         thread.join()
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
