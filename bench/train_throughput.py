@@ -518,11 +518,18 @@ def main(argv=None) -> dict:
             )
         last = model_only(trainer, args, device)
         print(f"model-only again: {last:.0f} img/s")
-        if args.trace is not None:
+        result = report(args, first, last, rows)
+        if args.trace is not None:  # last: a failure here loses no measurement
             trace_mode(args, device, root, args.trace_mode, len(rows), trainer, args.trace)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    return result
+
+
+def report(args, first: float, last: float, rows: list[dict]) -> dict:
+    """Print the ratio table and the per-batch breakdown, write --json; the results."""
+    device = args.device
     reference = max(first, last)
     print()
     print(f"{'path':<16} {'pipeline img/s':>15} {'end-to-end img/s':>17} {'ratio e2e/model':>16}")
@@ -562,6 +569,7 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     return result
 
