@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
+from vprlib.gsv_cities import gsv_filename  # noqa: E402
+from vprlib.gsv_dataset import GSVCitiesDataset  # noqa: E402
 from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 

@@ -54,13 +54,13 @@ from synthetic import (  # noqa: E402
     write_pool,
 )
 
-from vprlib.gsv_cities import GSVCitiesDataset, gsv_filename  # noqa: E402
+from vprlib.batching import device_batches, make_loader  # noqa: E402
+from vprlib.gsv_cities import gsv_filename  # noqa: E402
+from vprlib.gsv_dataset import GSVCitiesDataset  # noqa: E402
 from vprlib.losses import get_loss, get_miner  # noqa: E402
 from vprlib.models import VPRModel  # noqa: E402
 from vprlib.train import (  # noqa: E402
     default_num_workers,
-    device_batches,
-    make_loader,
     make_optimizer,
     resolve_precision,
     train_step,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import vprlib
-from vprlib import gsv_cities as G
+from vprlib import batching as B
+from vprlib import gsv_dataset as D
 from vprlib import train as TR
 from vprlib.evaluate import extract_descriptors
 from vprlib.transforms import apply_plans
@@ -45,7 +46,7 @@ def level_differences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("augment", [False, True])
 @pytest.mark.parametrize(("decode", "gpu_images"), [("gpu", None), ("mixed", 0), ("mixed", 2)])
 def test_device_decode_and_augment_match_the_cpu(gsv_root, decode, gpu_images, augment):
-    ds = G.GSVCitiesDataset(
+    ds = D.GSVCitiesDataset(
         gsv_root, image_size=SIZE, decode=decode, gpu_images=gpu_images, augment=augment, seed=5
     )
     enc, _ = ds.collate_fn([ds[i] for i in range(6)])
@@ -65,9 +66,9 @@ def test_device_decode_and_augment_match_the_cpu(gsv_root, decode, gpu_images, a
 
 
 def test_device_randaugment_stays_per_image(gsv_root):
-    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=True, seed=1)
+    ds = D.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=True, seed=1)
     enc, _ = ds.collate_fn([ds[i] for i in range(8)])
-    plain = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=False, seed=1)
+    plain = D.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="gpu", augment=False, seed=1)
     raw, _ = plain.collate_fn([plain[i] for i in range(8)])
     images = finish(plain, raw, CUDA)  # decoded + resized, not augmented
     plans = enc.plans.reshape(len(images), *enc.plans.shape[-2:])
@@ -182,12 +183,12 @@ def test_prefetch_side_stream_priority(priority):
 def test_two_stage_device_batches_on_cuda_equal_one_stage(gsv_root, decode):
     """device_batches(stages=2): decode and augment in two threads on two side streams, each
     batch handed from one stream to the next by events; the batches equal one stage's."""
-    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode=decode, seed=2)
+    ds = D.GSVCitiesDataset(gsv_root, image_size=SIZE, decode=decode, seed=2)
 
     def batches(**kw):
-        loader, sampler = TR.make_loader(ds, 8, seed=0, num_workers=2, device=CUDA)
+        loader, sampler = B.make_loader(ds, 8, seed=0, num_workers=2, device=CUDA)
         sampler.set_epoch(0)
-        return [(x.cpu(), y.cpu()) for x, y in TR.device_batches(loader, ds, CUDA, True, **kw)]
+        return [(x.cpu(), y.cpu()) for x, y in B.device_batches(loader, ds, CUDA, True, **kw)]
 
     one, two = batches(prefetch=1), batches(prefetch=2, stages=2, priority=-1)
     assert len(one) == len(two) > 1

@@ -23,8 +23,9 @@ import torch
 
 import vprlib
 from vprlib import distributed
+from vprlib.batching import PlaceSampler
 from vprlib.distributed import places_per_rank, shard_places
-from vprlib.train import PlaceSampler, fit, seed_everything
+from vprlib.train import fit, seed_everything
 
 SEED = 3
 SIZE = 64

@@ -15,7 +15,8 @@ from torchvision.io import read_file
 from torchvision.transforms import v2
 
 import vprlib
-from vprlib import gsv_cities as G
+from vprlib import batching as B
+from vprlib import gsv_dataset as D
 from vprlib import train as TR
 from vprlib import train_cli
 from vprlib import transforms as T
@@ -86,14 +87,14 @@ def test_pack_bytes_round_trip():
 @pytest.mark.parametrize("augment", [True, False])
 def test_mixed_and_gpu_decode_equal_the_cpu_path(gsv_root, augment):
     kw = dict(image_size=SIZE, augment=augment, seed=3)
-    cpu = G.GSVCitiesDataset(gsv_root, decode="cpu", **kw)
+    cpu = D.GSVCitiesDataset(gsv_root, decode="cpu", **kw)
     batch, labels = cpu.collate_fn([cpu[i] for i in range(5)])
     want = cpu.batch_to_device(batch, "cpu")
     for decode, gpu_images in [("gpu", None), ("mixed", 0), ("mixed", 1), ("mixed", None)]:
-        ds = G.GSVCitiesDataset(gsv_root, decode=decode, gpu_images=gpu_images, **kw)
+        ds = D.GSVCitiesDataset(gsv_root, decode=decode, gpu_images=gpu_images, **kw)
         enc, labels_dev = ds.collate_fn([ds[i] for i in range(5)])
         k_gpu = ds.gpu_images
-        assert isinstance(enc, G.EncodedImages) and enc.shape == (5, 4) and len(enc) == 20
+        assert isinstance(enc, D.EncodedImages) and enc.shape == (5, 4) and len(enc) == 20
         assert enc.buffer.dim() == 1 and len(enc.paths) == 5 * k_gpu  # one packed buffer
         for data, path in zip(enc.data, enc.paths, strict=True):
             assert torch.equal(data, read_file(path))
@@ -101,11 +102,11 @@ def test_mixed_and_gpu_decode_equal_the_cpu_path(gsv_root, augment):
         assert (enc.plans is None) != augment
         assert torch.equal(labels_dev, labels)
         assert torch.equal(ds.batch_to_device(enc, "cpu"), want), (decode, gpu_images)
-    assert "gpu_images=2" in repr(G.GSVCitiesDataset(gsv_root, decode="mixed", **kw))
+    assert "gpu_images=2" in repr(D.GSVCitiesDataset(gsv_root, decode="mixed", **kw))
 
 
 def test_mixed_batches_through_a_worker_process(gsv_root):
-    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="mixed", gpu_images=1)
+    ds = D.GSVCitiesDataset(gsv_root, image_size=SIZE, decode="mixed", gpu_images=1)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=3, num_workers=1, collate_fn=ds.collate_fn, pin_memory=False
     )
@@ -117,19 +118,19 @@ def test_mixed_batches_through_a_worker_process(gsv_root):
 
 def test_decode_options_are_checked(gsv_root):
     with pytest.raises(ValueError, match="gpu_images applies to decode='mixed'"):
-        G.GSVCitiesDataset(gsv_root, gpu_images=1)
+        D.GSVCitiesDataset(gsv_root, gpu_images=1)
     with pytest.raises(ValueError, match=r"gpu_images must be an int in 0..4"):
-        G.GSVCitiesDataset(gsv_root, decode="mixed", gpu_images=5)
+        D.GSVCitiesDataset(gsv_root, decode="mixed", gpu_images=5)
     with pytest.raises(ValueError, match="pass augment=, not transform="):
-        G.GSVCitiesDataset(gsv_root, decode="mixed", transform=lambda x: x)
+        D.GSVCitiesDataset(gsv_root, decode="mixed", transform=lambda x: x)
     with pytest.raises(ValueError, match="'auto', 'cpu', 'gpu' or 'mixed'"):
-        G.GSVCitiesDataset(gsv_root, decode="nvjpeg")
+        D.GSVCitiesDataset(gsv_root, decode="nvjpeg")
     with pytest.raises(ValueError, match="pass decode='mixed'"):
-        G.GSVCitiesDataset(gsv_root, decode="auto", gpu_images=1)
+        D.GSVCitiesDataset(gsv_root, decode="auto", gpu_images=1)
 
 
 def test_auto_decode_is_cpu_items_and_mixed_for_fit_on_cuda(gsv_root, monkeypatch):
-    ds = G.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=2)
+    ds = D.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=2)
     assert ds.decode == "cpu" and ds.auto_decode and "decode='auto'" in repr(ds)
     images, _ = ds[0]
     assert images.dtype == torch.uint8 and images.shape == (4, 3, *SIZE)  # plain items
@@ -142,9 +143,9 @@ def test_auto_decode_is_cpu_items_and_mixed_for_fit_on_cuda(gsv_root, monkeypatc
     want, _ = ds.collate_fn([ds[i] for i in range(3)])
     assert torch.equal(fast.batch_to_device(enc, "cpu"), ds.batch_to_device(want, "cpu"))
     for explicit in (
-        G.GSVCitiesDataset(gsv_root, decode="cpu"),
-        G.GSVCitiesDataset(gsv_root, decode="gpu"),
-        G.GSVCitiesDataset(gsv_root, transform=lambda x: x),  # a custom CPU transform
+        D.GSVCitiesDataset(gsv_root, decode="cpu"),
+        D.GSVCitiesDataset(gsv_root, decode="gpu"),
+        D.GSVCitiesDataset(gsv_root, transform=lambda x: x),  # a custom CPU transform
     ):
         assert explicit.for_device("cuda") is explicit
     assert train_cli.build_parser().parse_args([]).decode == "auto"
@@ -154,7 +155,7 @@ def test_fit_trains_with_the_dataset_for_its_device(gsv_root, monkeypatch):
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32))
     seen = []
     monkeypatch.setattr(
-        G.GSVCitiesDataset, "for_device", lambda self, device: seen.append(device) or self
+        D.GSVCitiesDataset, "for_device", lambda self, device: seen.append(device) or self
     )
     TR.fit(
         tiny_model(),
@@ -239,13 +240,13 @@ def test_chained_prefetch_stages_keep_order_errors_and_stop():
 
 @pytest.mark.parametrize(("decode", "workers"), [("gpu", 0), ("mixed", 1), ("cpu", 0)])
 def test_two_stage_device_batches_equal_one_stage(gsv_root, decode, workers):
-    ds = G.GSVCitiesDataset(gsv_root, image_size=(32, 32), decode=decode, seed=3)
+    ds = D.GSVCitiesDataset(gsv_root, image_size=(32, 32), decode=decode, seed=3)
     cpu = torch.device("cpu")
 
     def batches(**kw):
-        loader, sampler = TR.make_loader(ds, 4, seed=0, num_workers=workers, device=cpu)
+        loader, sampler = B.make_loader(ds, 4, seed=0, num_workers=workers, device=cpu)
         sampler.set_epoch(0)
-        return list(TR.device_batches(loader, ds, cpu, channels_last=True, **kw))
+        return list(B.device_batches(loader, ds, cpu, channels_last=True, **kw))
 
     one, two = batches(), batches(prefetch=2, stages=2)
     assert len(one) == len(two) == -(-len(ds) // 4)  # every place once, the last batch short
@@ -259,10 +260,10 @@ def test_two_stage_device_batches_equal_one_stage(gsv_root, decode, workers):
 
 
 def test_two_stages_for_a_dataset_without_device_halves(gsv_root):
-    ds = G.GSVCitiesDataset(gsv_root, image_size=(32, 32), decode="cpu", seed=3)
-    loader, _ = TR.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
+    ds = D.GSVCitiesDataset(gsv_root, image_size=(32, 32), decode="cpu", seed=3)
+    loader, _ = B.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
     images, labels = next(iter(loader))
-    decode, augment = TR.batch_stages(object(), torch.device("cpu"))
+    decode, augment = B.batch_stages(object(), torch.device("cpu"))
     x, y = augment(decode((images, labels)))
     assert torch.equal(x, T.to_model_input(images, "cpu")) and torch.equal(y, labels.reshape(-1))
 
@@ -301,8 +302,8 @@ def test_train_step_is_one_optimizer_step(gsv_root):
     opt = TR.make_optimizer(params, "sgd", 0.1, 0.9, 0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32))
-    loader, _ = TR.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
-    x, labels = next(iter(TR.device_batches(loader, ds, torch.device("cpu"))))
+    loader, _ = B.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
+    x, labels = next(iter(B.device_batches(loader, ds, torch.device("cpu"))))
     before = [p.detach().clone() for p in params]
     with torch.no_grad():
         desc = model(x)

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as F
 
 from vprlib import gsv_cities as G
 from vprlib import gsv_csv
+from vprlib import gsv_dataset as D
 from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
@@ -394,7 +395,7 @@ def ds_args(gsv_root):
 
 
 def test_dataset_items(ds_args, gsv_root):
-    ds = G.GSVCitiesDataset(**ds_args, img_per_place=4, min_img_per_place=6)
+    ds = D.GSVCitiesDataset(**ds_args, img_per_place=4, min_img_per_place=6)
     df = G.read_gsv_dataframes(gsv_root, cities=["Paris", "London"])
     sizes = df.groupby("place").size()
     assert len(ds) == (sizes >= 6).sum() and ds.num_images == sizes[sizes >= 6].sum()
@@ -414,7 +415,7 @@ def test_dataset_items(ds_args, gsv_root):
     with pytest.raises(IndexError):
         ds[len(ds)]
     with pytest.raises(ValueError, match="img_per_place"):
-        G.GSVCitiesDataset(**ds_args, img_per_place=5, min_img_per_place=4)
+        D.GSVCitiesDataset(**ds_args, img_per_place=5, min_img_per_place=4)
 
 
 def _expected(gsv_root, paths, size):
@@ -427,7 +428,7 @@ def _expected(gsv_root, paths, size):
 
 
 def test_most_recent_choice_without_augmentation(ds_args, gsv_root):
-    ds = G.GSVCitiesDataset(**ds_args, random_sample=False, augment=False)
+    ds = D.GSVCitiesDataset(**ds_args, random_sample=False, augment=False)
     df = ds.dataframe
     for i in (0, 7, len(ds) - 1):
         place = int(ds[i][1][0])
@@ -437,7 +438,7 @@ def test_most_recent_choice_without_augmentation(ds_args, gsv_root):
 
 
 def test_random_choice_depends_on_seed_epoch_index_only(ds_args):
-    ds = G.GSVCitiesDataset(**ds_args, augment=False, min_img_per_place=4)
+    ds = D.GSVCitiesDataset(**ds_args, augment=False, min_img_per_place=4)
     big = [i for i in range(len(ds)) if ds._counts[i] >= 7]
     a = [ds[i][0] for i in big]
     ds.set_epoch(1)
@@ -445,12 +446,12 @@ def test_random_choice_depends_on_seed_epoch_index_only(ds_args):
     assert sum(not torch.equal(x, y) for x, y in zip(a, b, strict=True)) >= len(big) // 2
     ds.set_epoch(0)
     assert all(torch.equal(ds[i][0], x) for i, x in zip(reversed(big), reversed(a), strict=True))
-    other = G.GSVCitiesDataset(**ds_args, augment=False, seed=1)
+    other = D.GSVCitiesDataset(**ds_args, augment=False, seed=1)
     assert any(not torch.equal(other[i][0], x) for i, x in zip(big, a, strict=True))
 
 
 def test_same_batches_with_0_or_2_workers(ds_args):
-    ds = G.GSVCitiesDataset(**ds_args)
+    ds = D.GSVCitiesDataset(**ds_args)
     ds.set_epoch(3)
 
     def batches(workers):
@@ -471,10 +472,10 @@ def test_corrupt_image_error_and_skip(tmp_path):
     bad = root / "Images" / "TST" / names[4]
     bad.write_bytes(bad.read_bytes()[:200])  # truncated JPEG
     for decode in ("cpu", "gpu"):
-        ds = G.GSVCitiesDataset(root, image_size=(16, 16), random_sample=False, decode=decode)
+        ds = D.GSVCitiesDataset(root, image_size=(16, 16), random_sample=False, decode=decode)
         with pytest.raises(ValueError, match=names[4]):
             ds[0]
-        skip = G.GSVCitiesDataset(
+        skip = D.GSVCitiesDataset(
             root, image_size=(16, 16), random_sample=False, on_corrupt="skip", decode=decode
         )
         with pytest.warns(UserWarning, match=names[4]):
@@ -484,7 +485,7 @@ def test_corrupt_image_error_and_skip(tmp_path):
             assert [p.rsplit("/", 1)[-1] for p in images.paths] == names[3::-1]
         else:
             want = _expected(root, [f"Images/TST/{n}" for n in names[3::-1]], (16, 16))
-            plain = G.GSVCitiesDataset(
+            plain = D.GSVCitiesDataset(
                 root, image_size=(16, 16), random_sample=False, on_corrupt="skip", augment=False
             )
             with pytest.warns(UserWarning):
@@ -492,7 +493,7 @@ def test_corrupt_image_error_and_skip(tmp_path):
     bad.write_bytes(b"")
     (root / "Images" / "TST" / names[3]).write_bytes(b"not a jpeg")
     # too few readable images left in the place -> clear error
-    strict = G.GSVCitiesDataset(
+    strict = D.GSVCitiesDataset(
         root, image_size=(16, 16), img_per_place=4, min_img_per_place=5, on_corrupt="skip"
     )
     with warnings.catch_warnings():
@@ -503,11 +504,11 @@ def test_corrupt_image_error_and_skip(tmp_path):
 
 def test_gpu_path_on_cpu_matches_cpu_path(ds_args, gsv_root):
     for augment in (False, True):
-        cpu = G.GSVCitiesDataset(**ds_args, augment=augment)
-        gpu = G.GSVCitiesDataset(**ds_args, augment=augment, decode="gpu")
+        cpu = D.GSVCitiesDataset(**ds_args, augment=augment)
+        gpu = D.GSVCitiesDataset(**ds_args, augment=augment, decode="gpu")
         items = [gpu[i] for i in range(4)]
         enc, labels = gpu.collate_fn(items)
-        assert isinstance(enc, G.EncodedImages) and len(enc) == 16 and enc.shape == (4, 4)
+        assert isinstance(enc, D.EncodedImages) and len(enc) == 16 and enc.shape == (4, 4)
         # decoding equals torchvision's CPU decode of the same files
         for data, path in zip(enc.data[:4], enc.paths[:4], strict=True):
             assert torch.equal(data, read_file(path))
@@ -516,7 +517,7 @@ def test_gpu_path_on_cpu_matches_cpu_path(ds_args, gsv_root):
         assert torch.equal(labels, labels_cpu)
         assert torch.allclose(x_gpu, cpu.batch_to_device(x_cpu_u8, "cpu"))
     # the per-image augmentations differ between images of the same batch
-    plain = G.GSVCitiesDataset(**ds_args, augment=False, decode="gpu")
+    plain = D.GSVCitiesDataset(**ds_args, augment=False, decode="gpu")
     flat = plain.batch_to_device(plain.collate_fn([plain[0]])[0], "cpu")
     aug = gpu.batch_to_device(gpu.collate_fn([gpu[0]])[0], "cpu")
     diffs = (aug - flat).abs().flatten(1).mean(1)
@@ -525,10 +526,10 @@ def test_gpu_path_on_cpu_matches_cpu_path(ds_args, gsv_root):
 
 def test_dataset_from_filtered_dataframe(gsv_root):
     df = G.filter_hemisphere(G.read_gsv_dataframes(gsv_root), "south")
-    ds = G.GSVCitiesDataset(gsv_root, dataframe=df, image_size=(32, 32))
+    ds = D.GSVCitiesDataset(gsv_root, dataframe=df, image_size=(32, 32))
     assert set(ds.dataframe["city_id"]) == {"BuenosAires"} and len(ds) == 26
     with pytest.raises(KeyError, match="place"):
-        G.GSVCitiesDataset(gsv_root, dataframe=df.drop(columns="place"))
+        D.GSVCitiesDataset(gsv_root, dataframe=df.drop(columns="place"))
 
 
 def test_copied_root_works(tmp_path, gsv_root):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vprlib
-from vprlib.train import PlaceSampler, fit, lr_factor
+from vprlib.batching import PlaceSampler
+from vprlib.train import fit, lr_factor
 
 SIZE = 32
 FIT = dict(places_per_batch=4, num_workers=0, progress=False, max_steps_per_epoch=1)

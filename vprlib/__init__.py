@@ -15,7 +15,6 @@ from .evaluate import (
     search,
 )
 from .gsv_cities import (
-    GSVCitiesDataset,
     city_summary,
     filter_dates,
     filter_hemisphere,
@@ -25,6 +24,7 @@ from .gsv_cities import (
     read_gsv_dataframes,
     scan_gsv_images,
 )
+from .gsv_dataset import GSVCitiesDataset
 from .models import VPRModel, load_pretrained
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from . import distributed
-from .distributed import DistContext, shard_places
+from .batching import device_batches, make_loader
+from .distributed import DistContext
 from .evaluate import default_num_workers
 from .fileio import atomic_torch_save, safe_torch_load
 from .losses import batch_accuracy, get_loss, get_miner
 from .progress import progress_bar
-from .transforms import prefetch_to_device, to_model_input
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -67,7 +67,7 @@ RESUME_MUST_MATCH = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Small pieces: device, seeds, sampler, schedule, checkpoints
+# Small pieces: device, seeds, schedule, checkpoints
 
 
 def setup_device(device: str | torch.device | None = None) -> torch.device:
@@ -93,188 +93,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class PlaceSampler(torch.utils.data.Sampler):
-    """Every place once per epoch, in an order that depends only on (seed, epoch).
-
-    Yields (epoch, place index) pairs: the epoch travels with each index into the data-loading
-    workers (see `_EpochItems`), so persistent workers see the right epoch too.
-    `num_samples` keeps only the first places of each epoch's order (for short smoke runs).
-    Under DDP (world_size > 1) each rank yields only its share of every global batch of
-    `places_per_batch` places (see `distributed.shard_places`).
-    """
-
-    def __init__(
-        self,
-        num_places: int,
-        seed: int = 0,
-        num_samples: int | None = None,
-        *,
-        places_per_batch: int | None = None,
-        world_size: int = 1,
-        rank: int = 0,
-    ):
-        if num_places <= 0:
-            raise ValueError(f"the training dataset is empty (num_places={num_places})")
-        if world_size > 1 and places_per_batch is None:
-            raise ValueError("PlaceSampler: world_size > 1 needs places_per_batch (global)")
-        self.num_places = num_places
-        self.seed = seed
-        self.num_samples = num_places if num_samples is None else min(num_samples, num_places)
-        self.places_per_batch, self.world_size, self.rank = places_per_batch, world_size, rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _order(self) -> list[int]:
-        g = torch.Generator()
-        g.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
-        order = torch.randperm(self.num_places, generator=g)[: self.num_samples].tolist()
-        return shard_places(order, self.places_per_batch, self.world_size, self.rank)
-
-    def __len__(self) -> int:
-        if self.world_size == 1:
-            return self.num_samples
-        mine = shard_places(
-            list(range(self.num_samples)), self.places_per_batch, self.world_size, self.rank
-        )
-        return len(mine)
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in self._order()])
-
-
-class _EpochItems(torch.utils.data.Dataset):
-    """Wraps the training dataset so `ds[(epoch, i)]` calls `ds.set_epoch(epoch)` when needed.
-
-    Why: persistent DataLoader workers hold their own copy of the dataset, so a `set_epoch`
-    call in the main process would not reach them; passing the epoch with each index does.
-    """
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.epoch = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        self.epoch = epoch
-        return self.dataset[index]
-
-
-def make_loader(
-    dataset,
-    places_per_batch: int,
-    seed: int,
-    num_workers: int,
-    device: torch.device,
-    max_steps_per_epoch: int | None = None,
-    world_size: int = 1,
-    rank: int = 0,
-) -> tuple[torch.utils.data.DataLoader, PlaceSampler]:
-    """DataLoader of P-place batches over a `PlaceSampler`; the last batch may be smaller.
-
-    Under DDP `places_per_batch` is the global batch: each rank loads P / world_size places.
-    """
-    num_samples = None if max_steps_per_epoch is None else max_steps_per_epoch * places_per_batch
-    sampler = PlaceSampler(
-        len(dataset),
-        seed=seed,
-        num_samples=num_samples,
-        places_per_batch=places_per_batch,
-        world_size=world_size,
-        rank=rank,
-    )
-    loader = torch.utils.data.DataLoader(
-        _EpochItems(dataset),
-        batch_size=distributed.places_per_rank(places_per_batch, world_size),
-        sampler=sampler,
-        drop_last=False,
-        collate_fn=getattr(dataset, "collate_fn", None),
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-    )
-    return loader, sampler
-
-
-def device_batches(
-    loader,
-    dataset,
-    device: torch.device,
-    channels_last: bool = False,
-    prefetch: int = 0,
-    *,
-    stages: int = 1,
-    priority: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """fit's input pipeline after the DataLoader: each batch -> (normalised float images
-    [N,3,H,W], labels [N]) on `device`, through the dataset's `batch_to_device` (decoding and
-    augmenting on the device for decode="gpu"/"mixed") or `to_model_input`. With prefetch=n,
-    up to n batches are prepared ahead in a background thread (on CUDA on a side stream of
-    CUDA `priority`), so that work overlaps the training step; 0 keeps the plain loop.
-
-    stages=2 (needs prefetch > 0): decoding and augmenting (`batch_stages`) run in two such
-    threads, one batch apart, so that the wait for one batch's decode (nvJPEG returns only
-    when done) overlaps the next batch's augmentation.
-    """
-    if stages not in (1, 2):
-        raise ValueError(f"stages must be 1 or 2, got {stages!r}")
-    if stages == 2:
-        if prefetch <= 0:
-            raise ValueError(
-                f"stages=2 prepares batches in threads: it needs prefetch > 0, got {prefetch}"
-            )
-        decode, augment = batch_stages(dataset, device, channels_last)
-        decoded = prefetch_to_device(iter(loader), decode, device, prefetch, priority)
-        return prefetch_to_device(decoded, augment, device, 1, priority)
-    to_device = batch_preparer(dataset, device, channels_last)
-    return prefetch_to_device(loader, to_device, device, prefetch, priority)
-
-
-def batch_preparer(dataset, device: torch.device, channels_last: bool = False) -> Callable:
-    """The function `device_batches` applies to each DataLoader batch: (images, labels) ->
-    (normalised float images [N,3,H,W], labels [N]) on `device`, through the dataset's
-    `batch_to_device` when it has one (decoding/augmenting on the device), else
-    `to_model_input`."""
-    to_images = getattr(dataset, "batch_to_device", None)
-
-    def to_device(batch):
-        images, labels = batch
-        if to_images is not None:
-            x = to_images(images, device, channels_last=channels_last)
-        else:
-            x = to_model_input(images, device, channels_last=channels_last)
-        return x, labels.reshape(-1).to(device, non_blocking=True)
-
-    return to_device
-
-
-def batch_stages(
-    dataset, device: torch.device, channels_last: bool = False
-) -> tuple[Callable, Callable]:
-    """`batch_preparer` cut in two for device_batches(stages=2): (images, labels) ->
-    (decoded, labels on `device`) -> (normalised float images, labels), through the
-    dataset's `decode_on_device` and `augment_on_device` (a dataset without them: labels
-    first, then `batch_preparer`'s images)."""
-    to_decoded = getattr(dataset, "decode_on_device", lambda images, device: images)
-    to_model = getattr(dataset, "augment_on_device", to_model_input)
-
-    def decode(batch):
-        images, labels = batch
-        return to_decoded(images, device), labels.reshape(-1).to(device, non_blocking=True)
-
-    def augment(batch):
-        decoded, labels = batch
-        return to_model(decoded, device, channels_last=channels_last), labels
-
-    return decode, augment
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

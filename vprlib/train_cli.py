@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None):
     """CLI entry: build dataset and model from the arguments, train, print and save history."""
     args = build_parser().parse_args(argv)
     from .benchmarks import load_benchmark
-    from .gsv_cities import GSVCitiesDataset
+    from .gsv_dataset import GSVCitiesDataset
     from .models import VPRModel
 
     dataset = GSVCitiesDataset(
