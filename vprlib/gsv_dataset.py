@@ -1,6 +1,7 @@
 """The GSV-Cities training dataset: one place per item, K images and K equal labels.
 
-`GSVCitiesDataset` yields one place per item: K images of the place and K equal labels.
+`GSVCitiesDataset` reads the tables of `gsv_cities` (`read_gsv_dataframes`), keeps the places
+with at least `min_img_per_place` images and picks K of them per item.
 The CPU path (decode="cpu", and the items of the default decode="auto"), chosen by
 measurement (bench/loader.py):
 - bytes are read with torchvision.io.read_file and decoded with libjpeg-turbo
