@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import gzip
 import json
 import shutil
 import sys
@@ -212,8 +211,8 @@ def parse_mode(spec: str) -> dict:
 class Probe:
     """fit's input pipeline (`device_batches`) instrumented: it stands in for both the
     DataLoader (timing how long the prefetch thread waits for the workers) and the dataset
-    (timing each device half: `batch_to_device`, or `decode_on_device` + `augment_on_device`
-    for stages=2, as host time and as span on the device's stream with CUDA events)."""
+    (timing its device halves `decode_on_device` and `augment_on_device`, as host time and as
+    span on the device's stream with CUDA events)."""
 
     def __init__(self, loader, dataset, device: torch.device):
         self.iterator = iter(loader)  # made here: a DataLoader iterator wants the main thread
@@ -222,10 +221,11 @@ class Probe:
         self.wait: list[float] = []
         self.host: dict[str, list[float]] = {}
         self.events: dict[str, list] = {}
-        self.batch_to_device = self.timed("batch_to_device")
-        if hasattr(dataset, "decode_on_device"):
+        if hasattr(dataset, "decode_on_device"):  # what batch_stages calls
             self.decode_on_device = self.timed("decode_on_device")
             self.augment_on_device = self.timed("augment_on_device")
+        else:
+            self.batch_to_device = self.timed("batch_to_device")
 
     def __iter__(self):
         return self
@@ -259,7 +259,7 @@ class Probe:
 
     def summary(self, first: int, count: int) -> dict:
         """Mean milliseconds per batch over batches first .. first + count - 1 (the device
-        halves of stages=2 added up)."""
+        halves added up)."""
 
         def ms(values):
             part = values[first : first + count]
@@ -381,13 +381,10 @@ def trace_mode(args, device, root: Path, spec: str, index: int, trainer: Trainer
     with mode_loader(steps, device, root, spec, index) as (common, warmup, options):
         result = run_pipeline(*common, 1, warmup, trainer, profiler, **options)
     out.mkdir(parents=True, exist_ok=True)
-    name = "trace_" + "".join(c if c.isalnum() else "_" for c in spec) + ".json"
-    profiler.export_chrome_trace(str(out / name))
-    with open(out / name, "rb") as f, gzip.open(out / (name + ".gz"), "wb") as z:
-        shutil.copyfileobj(f, z)
-    (out / name).unlink()
+    path = out / ("trace_" + "".join(c if c.isalnum() else "_" for c in spec) + ".json.gz")
+    profiler.export_chrome_trace(str(path))  # gzipped for the .gz suffix
     print(f"trace of {spec}: {args.trace_steps} steps at {result['img_s']:.0f} img/s (profiled) ->")
-    print(f"  {out / (name + '.gz')}")
+    print(f"  {path}")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=48)
     print(table)
@@ -396,7 +393,7 @@ def trace_mode(args, device, root: Path, spec: str, index: int, trainer: Trainer
             sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48
         )
         print(table)
-    return out / (name + ".gz")
+    return path
 
 
 def default_mode(args) -> str:

@@ -164,31 +164,24 @@ def device_batches(
 
 def batch_preparer(dataset, device: torch.device, channels_last: bool = False) -> Callable:
     """The function `device_batches` applies to each DataLoader batch: (images, labels) ->
-    (normalised float images [N,3,H,W], labels [N]) on `device`, through the dataset's
-    `batch_to_device` when it has one (decoding/augmenting on the device), else
-    `to_model_input`."""
-    to_images = getattr(dataset, "batch_to_device", None)
-
-    def to_device(batch):
-        images, labels = batch
-        if to_images is not None:
-            x = to_images(images, device, channels_last=channels_last)
-        else:
-            x = to_model_input(images, device, channels_last=channels_last)
-        return x, labels.reshape(-1).to(device, non_blocking=True)
-
-    return to_device
+    (normalised float images [N,3,H,W], labels [N]) on `device`: the two `batch_stages`
+    in a row."""
+    decode, augment = batch_stages(dataset, device, channels_last)
+    return lambda batch: augment(decode(batch))
 
 
 def batch_stages(
     dataset, device: torch.device, channels_last: bool = False
 ) -> tuple[Callable, Callable]:
-    """`batch_preparer` cut in two for device_batches(stages=2): (images, labels) ->
-    (decoded, labels on `device`) -> (normalised float images, labels), through the
-    dataset's `decode_on_device` and `augment_on_device` (a dataset without them: labels
-    first, then `batch_preparer`'s images)."""
-    to_decoded = getattr(dataset, "decode_on_device", lambda images, device: images)
-    to_model = getattr(dataset, "augment_on_device", to_model_input)
+    """The preparation of a batch cut in two (device_batches(stages=2) runs them in two
+    threads): (images, labels) -> (decoded, labels on `device`) through the dataset's
+    `decode_on_device`, then -> (normalised float images, labels) through its
+    `augment_on_device`. A dataset without them: nothing, then its `batch_to_device` (or
+    `to_model_input` for plain image batches)."""
+    if hasattr(dataset, "decode_on_device"):
+        to_decoded, to_model = dataset.decode_on_device, dataset.augment_on_device
+    else:
+        to_decoded, to_model = _unchanged, getattr(dataset, "batch_to_device", to_model_input)
 
     def decode(batch):
         images, labels = batch
@@ -199,3 +192,8 @@ def batch_stages(
         return to_model(decoded, device, channels_last=channels_last), labels
 
     return decode, augment
+
+
+def _unchanged(images, device):
+    """The first stage of a dataset that has no decoding on the device."""
+    return images
