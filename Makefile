@@ -9,10 +9,15 @@ TEST_PATHS ?= tests notebooks
 PYTEST_ARGS ?=
 NOTEBOOK_ARGS ?=
 SAMPLE_OUT ?= data/sample
+# torch's CUDA build makes .venv about 6.3 GB; check the disk first for a clear error
+MIN_FREE_GB ?= 7
 
 .PHONY: lab test lint notebooks sample-data bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	  sys.exit(0 if free >= $(MIN_FREE_GB) else f'make: {free:.1f} GB free on the disk of $(CURDIR); ' \
+	  f'building $(VENV) (torch CUDA build) needs about $(MIN_FREE_GB) GB. Free some space, or set MIN_FREE_GB.')"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
