@@ -107,3 +107,12 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_venv_build_stops_early_when_the_disk_is_too_full(tmp_path):
+    """A fresh .venv needs ~6.3 GB; with too little free space make says so before pip starts."""
+    venv = tmp_path / "venv"
+    r = _make(f"{venv}/.installed", f"VENV={venv}", "MIN_FREE_GB=1000000")
+    assert r.returncode != 0
+    assert "GB free on the disk" in r.stderr and "MIN_FREE_GB" in r.stderr, r.stderr
+    assert not venv.exists(), "nothing may be built when the check fails"
