@@ -265,3 +265,39 @@ def test_bad_threshold_and_empty_folder(tmp_path):
         load_benchmark(tmp_path / "e")
     with pytest.raises(FileNotFoundError, match="neither"):
         load_benchmark(tmp_path)
+
+
+def test_threshold_recomputes_list_ground_truth_or_refuses(bench_root, tmp_path):
+    """A list-format set's stored positives are the 25 m ones: another threshold is recomputed
+    from the UTM in the names (brute force agrees) or refused when the names carry none."""
+    npy = bench_root / "datasets_npy" / "gsv_sample_dbImages.npy"
+    standard = load_benchmark(npy)
+    assert np.isnan(standard.threshold_m)  # positives as stored in _gt.npy
+    near = load_benchmark(npy, threshold_m=5.0)
+    assert near.threshold_m == 5.0 and "5 m" in near.variant
+    expected = brute_force(standard.db_utm, standard.query_utm, 5.0)
+    assert [g.tolist() for g in near.ground_truth] == [e.tolist() for e in expected]
+    assert sum(map(len, near.ground_truth)) < sum(map(len, standard.ground_truth))
+    by_name = load_benchmark("gsv_sample", root=bench_root, threshold_m=5.0)
+    assert [g.tolist() for g in by_name.ground_truth] == [e.tolist() for e in expected]
+    no_utm = write_list_benchmark(tmp_path, "toy")
+    with pytest.raises(ValueError, match=r"threshold_m=5 cannot apply to benchmark 'toy'"):
+        load_benchmark(no_utm / "toy_dbImages.npy", threshold_m=5.0)
+
+
+def test_bare_name_is_a_set_even_beside_a_folder_of_that_name(bench_root, tmp_path, monkeypatch):
+    (tmp_path / "gsv_sample" / "images").mkdir(parents=True)  # not a benchmark folder itself
+    monkeypatch.chdir(tmp_path)
+    bench = load_benchmark("gsv_sample", root=bench_root)
+    assert bench.name == "gsv_sample" and bench.num_queries > 0
+    with pytest.raises(FileNotFoundError, match="benchmark path not found: .*typo"):
+        load_benchmark(tmp_path / "typo" / "pitts30k_test", root=bench_root)
+
+
+def test_byte_string_path_lists(tmp_path):
+    npy = write_list_benchmark(tmp_path, "toy")
+    for kind in ("dbImages", "qImages"):
+        paths = np.load(npy / f"toy_{kind}.npy", allow_pickle=True)
+        np.save(npy / f"toy_{kind}.npy", np.array([str(p).encode() for p in paths]))
+    bench = load_benchmark(npy / "toy_dbImages.npy")
+    assert bench.db_paths[0] == str(tmp_path.resolve() / "toy/db/000.jpg")

@@ -388,3 +388,10 @@ def test_search_bench_small(repo_root):
     assert "same predictions as bare faiss: True" in proc.stdout
     assert "time ratio vprlib/faiss:" in proc.stdout
     assert "x descriptor bytes" in proc.stdout
+
+
+def test_negative_ground_truth_index_is_refused():
+    """Packed keys would let query 1's -1 match query 0's last index; refuse it instead."""
+    pred = np.array([[2], [0]])
+    with pytest.raises(ValueError, match=r"ground_truth\[1\] holds a negative database index"):
+        recall_at_k(pred, [np.array([0]), np.array([-1])], ks=(1,))

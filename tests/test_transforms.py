@@ -199,3 +199,26 @@ def test_normalize_and_to_model_input():
         T.to_model_input(torch.zeros(3, 4, 4), "cpu")
     with pytest.raises(TypeError, match="uint8"):
         T.normalize(f)
+
+
+def test_bicubic_warps_clamp_instead_of_wrapping():
+    """Cubic weights overshoot 0..255 beside sharp edges: the uint8 result must clamp there
+    (a wrapped 256+ would turn white pixels black). Where bilinear is exactly white or black,
+    the sample lies in a flat block, so bicubic is white or black too, up to the overshoot."""
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    img = (((yy // 8 + xx // 8) % 2) * 255).to(torch.uint8).expand(1, 3, 64, 64).clone()
+    bicubic = T.FastRandAugment(num_ops=1, magnitude=9, interpolation="bicubic")
+    bilinear = T.FastRandAugment(num_ops=1, magnitude=9, interpolation="bilinear")
+    names = [n for n, _ in bicubic.ops]
+    for name in ("Rotate", "ShearX", "ShearY"):
+        op = names.index(name)
+        cub, lin = bicubic.apply_op(img, op, False), bilinear.apply_op(img, op, False)
+        assert (cub[lin == 255] >= 250).all(), name
+        assert (cub[(lin == 0)] <= 5).all(), name
+        assert 0 < (lin == 255).sum() and 0 < (lin == 0).sum()
+
+
+def test_apply_plans_refuses_float_images():
+    plans = T.draw_plans([1, 2], 16, 16)
+    with pytest.raises(TypeError, match="uint8"):
+        T.apply_plans(torch.rand(2, 3, 16, 16), plans)

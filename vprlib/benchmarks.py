@@ -127,20 +127,46 @@ def load_benchmark(
     if threshold_m <= 0:
         raise ValueError(f"threshold_m must be > 0 metres, got {threshold_m}")
     p = Path(path_or_name).expanduser()
+    looks_like_path = p.is_absolute() or len(p.parts) > 1 or p.suffix == ".npy"
     if p.is_dir() and (p / "database").is_dir() and (p / "queries").is_dir():
         return load_folder_benchmark(p, threshold_m=threshold_m)
     if p.suffix == ".npy":
         if not p.is_file():
             raise FileNotFoundError(f"benchmark list file not found: {p}")
-        return load_list_benchmark(p, root=root)
+        return _with_threshold(load_list_benchmark(p, root=root), threshold_m)
     if p.parent.is_dir() and (db_file := _find_npy(p.parent, p.name, "dbImages")) is not None:
-        return load_list_benchmark(db_file, root=root)
-    if p.is_dir():
+        return _with_threshold(load_list_benchmark(db_file, root=root), threshold_m)
+    if looks_like_path and p.is_dir():
         raise FileNotFoundError(
             f"{p} is a folder but holds neither database/ + queries/ (folder format) nor "
             "<name>_dbImages.npy (list format)"
         )
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"benchmark path not found: {p} (expected a folder holding database/ + queries/, "
+            "a <name>_dbImages.npy file, or <folder>/<name> beside <folder>/<name>_dbImages.npy; "
+            "a standard set is named without a folder, e.g. 'pitts30k_test')"
+        )
+    # A bare name ("sped") is a standard set under the benchmarks root, even when the working
+    # directory happens to hold a folder of that name.
     return _load_named(str(path_or_name), root, threshold_m)
+
+
+def _with_threshold(bench: Benchmark, threshold_m: float) -> Benchmark:
+    """Honour a non-default `threshold_m` for a list-format set: its stored ground truth is for
+    the standard 25 m, so recompute from the UTM in the image names, or refuse when there is none."""
+    if threshold_m == 25.0:
+        return bench
+    if bench.db_utm is None or bench.query_utm is None:
+        raise ValueError(
+            f"threshold_m={threshold_m:g} cannot apply to benchmark {bench.name!r}: its positives "
+            f"come from the list files ({bench.variant}) and its image names carry no UTM "
+            "coordinates to recompute them; leave threshold_m at 25"
+        )
+    bench.ground_truth = radius_ground_truth(bench.db_utm, bench.query_utm, threshold_m)
+    bench.threshold_m = float(threshold_m)
+    bench.variant = f"list format, positives recomputed within {threshold_m:g} m (UTM)"
+    return bench
 
 
 def benchmarks_root(root: str | os.PathLike | None = None) -> Path:
@@ -166,7 +192,7 @@ def _load_named(name: str, root: str | os.PathLike | None, threshold_m: float) -
         db_file = _find_npy(folder, name, "dbImages")
         looked.append(str(folder / f"{name}_dbImages.npy"))
         if db_file is not None:
-            bench = load_list_benchmark(db_file, root=base)
+            bench = _with_threshold(load_list_benchmark(db_file, root=base), threshold_m)
             bench.name = key
             return bench
     for rel in FOLDER_LAYOUTS.get(key, (name,)):
@@ -489,7 +515,7 @@ def _load_paths(file: Path) -> list[str]:
     arr = load_npy(file)
     if arr.ndim != 1:
         raise ValueError(f"{file}: expected a 1-D array of image paths, got shape {arr.shape}")
-    return [str(p).lstrip("/") for p in arr.tolist()]
+    return [(p.decode() if isinstance(p, bytes) else str(p)).lstrip("/") for p in arr.tolist()]
 
 
 def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:

@@ -388,6 +388,12 @@ def correct_matrix(predictions: np.ndarray, ground_truth: Sequence[np.ndarray]) 
     )
     if len(flat) == 0:
         return np.zeros(pred.shape, dtype=bool)
+    if flat.min() < 0:
+        bad = next(i for i, g in enumerate(gts) if g.size and g.min() < 0)
+        raise ValueError(
+            f"ground_truth[{bad}] holds a negative database index "
+            f"({int(gts[bad].min())}); indices must be >= 0"
+        )
     span = int(max(flat.max(), pred.max(initial=0))) + 1
     gt_keys = np.repeat(np.arange(len(pred), dtype=np.int64), lengths) * span + flat
     pred_keys = np.arange(len(pred), dtype=np.int64)[:, None] * span + pred.astype(np.int64)

@@ -266,6 +266,8 @@ def _warp_affine(
         padding_mode="zeros",
         align_corners=False,
     )
+    if mode == "bicubic":  # cubic weights overshoot 0..255 near edges; uint8 would wrap around
+        out.clamp_(0, 255)
     return out.round_().to(torch.uint8).reshape(image.shape)
 
 
@@ -503,6 +505,8 @@ def apply_plans(
     image, and half the kernels of one call per op (479 instead of 930 for 400 images), which
     is what a GPU wants (few large kernels, no host syncs). Equal to one FastRandAugment call
     per image (tests/test_fast_paths.py)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"apply_plans expects uint8 images (0..255), got {images.dtype}")
     if plans.dim() != 3 or plans.shape[0] != len(images) or plans.shape[2] != 2:
         raise ValueError(
             f"plans must be [N, num_ops, 2] for {len(images)} images, got {tuple(plans.shape)}"
