@@ -337,6 +337,17 @@ def test_upper_case_extension_and_extra_columns(tmp_path):
     assert out["path"].str.endswith(".jpg").sum() == len(names) - 1
 
 
+def test_blank_line_after_the_header(tmp_path):
+    """pandas skips blank lines; the city-id probe must too."""
+    root, names = small_tree(tmp_path)
+    csv_path = root / "Dataframes" / "Testville.csv"
+    header, rest = csv_path.read_text().split("\n", 1)
+    expected = G.read_gsv_dataframes(root)
+    csv_path.write_text(header + "\n\n" + rest)
+    assert len(pd.read_csv(csv_path)) == len(expected)
+    pd.testing.assert_frame_equal(G.read_gsv_dataframes(root), expected)
+
+
 # ---------------------------------------------------------------- pandas helpers
 
 

@@ -187,6 +187,25 @@ def test_resume_errors_and_auto(dataset, tmp_path):
         fit(other, dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
 
 
+def test_resume_may_add_validation(dataset, bench, tmp_path):
+    """Rows saved before validation was added have no recall column; resuming with `val` keeps
+    them and picks the best among the epochs that were validated."""
+    fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, **FIT)
+    hist = fit(
+        tiny_model(),
+        dataset,
+        epochs=2,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        val=bench,
+        val_image_size=SIZE,
+        **FIT,
+    )
+    assert hist["epoch"].tolist() == [0, 1]
+    assert math.isnan(hist["gsv_sample_R@1"][0]) and 0 <= hist["gsv_sample_R@1"][1] <= 1
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 1
+
+
 def test_bad_arguments(dataset):
     for kw, match in [
         ({"precision": "fp8"}, "precision"),

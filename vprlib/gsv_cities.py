@@ -129,7 +129,7 @@ def _first_city_id(path: Path) -> str | None:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        row = next(reader, None)
+        row = next((r for r in reader if r), None)  # blank lines are skipped, as pandas does
     if header is None or row is None:
         return None
     if "city_id" not in header:

@@ -441,7 +441,8 @@ def fit(
         start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
         history = list(ckpt["history"])
     key_metric = f"{benchmarks[0].name}_R@1" if benchmarks else None
-    best = max((row[key_metric] for row in history), default=-1.0) if key_metric else None
+    # rows of a resumed run saved before validation was added have no such column
+    best = max((row.get(key_metric, -1.0) for row in history), default=-1.0) if key_metric else None
 
     use_compile = compile is True or (compile == "auto" and device.type == "cuda")
     train_model = distributed.wrap_model(model, ctx, device)  # DDP under torchrun
