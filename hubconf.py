@@ -12,11 +12,24 @@ from ImageNet weights.
 
 dependencies = ["torch", "torchvision"]
 
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from vprlib.download import RELEASED  # noqa: E402
 from vprlib.models import VPRModel, load_pretrained  # noqa: E402
 
 # Descriptor dim -> released file (ResNet50 with layer4 + Conv-AP 2x2).
 CONVAP_RELEASED = {dim: name for name, dim in RELEASED.items()}
+
+
+def _check_imagenet(imagenet) -> None:
+    """`imagenet` is the hub's name for VPRModel's `pretrained`: name it in the error."""
+    if imagenet is True or imagenet is False:
+        return
+    if not isinstance(imagenet, (str, os.PathLike)):
+        raise ValueError(f"imagenet must be True, False or a file path, got {imagenet!r}")
+    if not Path(imagenet).expanduser().is_file():
+        raise FileNotFoundError(f"imagenet={str(imagenet)!r}: no such ImageNet weights file")
 
 
 def convap(dim: int = 4096, pretrained: bool = True, imagenet: bool | str = False, **kw):
@@ -28,7 +41,8 @@ def convap(dim: int = 4096, pretrained: bool = True, imagenet: bool | str = Fals
         if imagenet is not False:
             raise ValueError("convap: imagenet= only applies with pretrained=False")
         return load_pretrained(CONVAP_RELEASED[dim], **kw)
-    agg_config = {"out_channels": dim // 4, "s1": 2, "s2": 2, **kw.pop("agg_config", {})}
+    _check_imagenet(imagenet)
+    agg_config = {"out_channels": dim // 4, "s1": 2, "s2": 2, **(kw.pop("agg_config", None) or {})}
     return VPRModel(
         **{"backbone": "resnet50", "layers_to_crop": (), **kw},
         pretrained=imagenet,
@@ -45,6 +59,7 @@ def _untrained(agg: str, pretrained: bool, imagenet: bool | str, kw: dict):
             "Use pretrained=False for an untrained model, or vprlib.load_pretrained(path) for "
             "a checkpoint file in the same key layout (e.g. public MixVPR ResNet50 weights)"
         )
+    _check_imagenet(imagenet)
     return VPRModel(**kw, pretrained=imagenet, agg=agg)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vprlib.download import sidecar_path
-from vprlib.models import VPRModel
+from vprlib.models import VPRModel, load_pretrained
 
 
 def hub_load(repo_root, entry, **kw):
@@ -38,7 +38,7 @@ def test_convap_untrained_has_released_architecture(repo_root, hub_dir):
 def test_convap_pretrained_from_preplaced_file(repo_root, hub_dir):
     source = VPRModel("resnet50", agg="convap", agg_config={"out_channels": 128})
     cached = hub_dir / "checkpoints" / "resnet50_ConvAP_128_2x2.ckpt"
-    source.save(cached)
+    source.save(cached, released_layout=True)  # as the published files are
     model = hub_load(repo_root, "convap", dim=512, pretrained=True)
     assert not model.training and model.descriptor_dim == 512
     assert model.preprocess["interpolation"] == "bilinear"
@@ -71,3 +71,15 @@ def test_other_families_untrained(repo_root, entry, kw, dim):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
     with pytest.raises(ValueError, match=r"no released weights .*convap\(dim=...\)"):
         hub_load(repo_root, entry, pretrained=True)
+
+
+def test_imagenet_argument_is_named_in_errors_and_agg_config_none(repo_root, tmp_path):
+    with pytest.raises(ValueError, match=r"^imagenet must be True, False or a file path, got None"):
+        hub_load(repo_root, "convap", dim=512, pretrained=False, imagenet=None)
+    with pytest.raises(FileNotFoundError, match=r"imagenet='yes': no such ImageNet weights file"):
+        hub_load(repo_root, "gem", backbone="resnet18", imagenet="yes")
+    model = hub_load(repo_root, "convap", dim=512, pretrained=False, agg_config=None)
+    assert model.config["agg_config"]["out_channels"] == 128 and model.descriptor_dim == 512
+    path = tmp_path / "m.ckpt"
+    VPRModel("resnet18", layers_to_crop=[3, 4], agg="gem").save(path)
+    assert load_pretrained(path, agg_config=None).config["agg"] == "gem"

@@ -4,6 +4,7 @@ architecture inference, strict-loading errors, weights-only refusal, and the dow
 
 import hashlib
 import http.server
+import io
 import json
 import os
 import pickle
@@ -183,6 +184,28 @@ def test_save_then_load_pretrained_gives_equal_outputs(tmp_path, agg, cfg):
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("agg", "cfg"),
+    [
+        ("convap", {"out_channels": 16, "s1": 3, "s2": 3}),  # pool size has no weights
+        ("gem", {"eps": 0.01}),
+        ("netvlad", {"clusters": 4, "normalize_input": False}),
+    ],
+)
+def test_save_keeps_settings_that_have_no_weights(tmp_path, agg, cfg):
+    """A plain state dict cannot tell these settings; the default save carries them."""
+    model = VPRModel("resnet18", layers_to_crop=[3, 4], agg=agg, agg_config=cfg).eval()
+    model.save(tmp_path / "m.pt")
+    loaded = load_pretrained(tmp_path / "m.pt")
+    assert loaded.config == model.config
+    model.save(tmp_path / "plain.pt", released_layout=True)
+    guessed = load_pretrained(tmp_path / "plain.pt")
+    assert guessed.config["agg_config"] != model.config["agg_config"]  # why the default differs
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("prefix", ["module.", "model.", "module._orig_mod."])
 def test_uniform_wrapper_prefix_is_stripped(tmp_path, prefix):
     model = VPRModel("resnet18", layers_to_crop=[3, 4], agg="convap", agg_config={"s1": 1})
@@ -202,7 +225,7 @@ def resnet18_file(tmp_path_factory):
         "resnet18", layers_to_crop=[3, 4], agg="convap", agg_config={"out_channels": 8}
     )
     path = tmp_path_factory.mktemp("r18") / "r18.ckpt"
-    model.save(path)
+    model.save(path, released_layout=True)
     return path
 
 
@@ -289,6 +312,13 @@ def test_released_name_variants():
 # ----------------------------------------------------------------------------- downloads
 
 
+def checkpoint_bytes(n_floats: int, seed: int = 0) -> bytes:
+    """A real torch.save file (downloads are checked to be whole checkpoints)."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.randn(n_floats, generator=torch.Generator().manual_seed(seed))}, buf)
+    return buf.getvalue()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict = {}
     hits: list = []
@@ -301,7 +331,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         source, declared = self.routes[self.path]
         size = source.stat().st_size if isinstance(source, Path) else len(source)
         self.send_response(200)
-        self.send_header("Content-Length", str(declared if declared is not None else size))
+        if declared != "none":  # "none": no Content-Length, the body ends when the server closes
+            self.send_header("Content-Length", str(declared if declared is not None else size))
         self.end_headers()
         if isinstance(source, Path):
             with open(source, "rb") as f:
@@ -326,7 +357,7 @@ def server():
 
 def test_download_records_sha_and_uses_cache(tmp_path, server):
     base, handler = server
-    payload = os.urandom(300_000)
+    payload = checkpoint_bytes(75_000)
     handler.routes["/w.ckpt"] = (payload, None)
     cache = tmp_path / "cache"
     path = fetch_released("convap-512", url=base + "/w.ckpt", folder=cache, progress=True)
@@ -342,7 +373,7 @@ def test_download_records_sha_and_uses_cache(tmp_path, server):
 
 def test_tampered_cache_file_detected(tmp_path, server):
     base, handler = server
-    payload = os.urandom(50_000)
+    payload = checkpoint_bytes(12_000)
     handler.routes["/w.ckpt"] = (payload, None)
     cache = tmp_path / "cache"
     path = fetch_released("convap-2048", url=base + "/w.ckpt", folder=cache, progress=False)
@@ -366,6 +397,26 @@ def test_failed_download_leaves_nothing_in_cache(tmp_path, server, route, error)
     with pytest.raises(OSError, match=error):
         fetch_released("convap-4096", url=base + route, folder=cache, progress=False)
     assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        checkpoint_bytes(75_000)[:150_000],  # the server closed early, no Content-Length
+        b"<!DOCTYPE html><html><title>Google Drive - Quota exceeded</title></html>",
+    ],
+    ids=["truncated", "html"],
+)
+def test_download_that_is_not_a_whole_checkpoint_is_not_cached(tmp_path, server, body):
+    base, handler = server
+    handler.routes["/w.ckpt"] = (body, "none")
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match="not a complete PyTorch checkpoint.*nothing was cached"):
+        fetch_released("convap-512", url=base + "/w.ckpt", folder=cache, progress=False)
+    assert list(cache.iterdir()) == []
+    handler.routes["/w.ckpt"] = (checkpoint_bytes(75_000), "none")  # a good retry then lands
+    path = fetch_released("convap-512", url=base + "/w.ckpt", folder=cache, progress=False)
+    assert path.read_bytes() == checkpoint_bytes(75_000)
 
 
 def test_failing_custom_downloader_leaves_nothing(tmp_path):
@@ -422,12 +473,12 @@ def test_gdrive_path_lists_folder_and_streams_the_named_file(tmp_path, monkeypat
 
     def download(**kw):
         calls.append(("download", kw))
-        kw["output"].write(b"weights-of-" + kw["id"].encode())
+        torch.save({"weights-of": kw["id"]}, kw["output"])
 
     fake = types.SimpleNamespace(download_folder=download_folder, download=download)
     monkeypatch.setitem(sys.modules, "gdown", fake)
     path = fetch_released("convap-512", folder=tmp_path, progress=False)
-    assert path.read_bytes() == b"weights-of-id-b"
+    assert torch.load(path, weights_only=True) == {"weights-of": "id-b"}
     for name, kw in calls:
         inspect.signature(getattr(real_gdown, name)).bind(**kw)  # real gdown accepts these
     assert calls[0][1]["url"].endswith("1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL")

@@ -256,9 +256,12 @@ def test_config_is_json_and_rebuilds_and_save_roundtrip(tmp_path):
         "normalize_input": True,
     }
     path = tmp_path / "m.pt"
-    model.save(path)
+    model.save(path, released_layout=True)  # the published files' plain state dict
     saved = torch.load(path, weights_only=True)
     assert list(saved) == list(model.state_dict())
+    model.save(tmp_path / "with_config.pt")  # default: weights + the config that rebuilds them
+    both = torch.load(tmp_path / "with_config.pt", weights_only=True)
+    assert both["model_config"] == config and list(both["state_dict"]) == list(saved)
     rebuilt = VPRModel(**config)
     rebuilt.load_state_dict(saved, strict=True)
     x = images(2, 64)

@@ -16,16 +16,18 @@ imported inside the function.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
 import os
+import pickle
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .fileio import atomic_open, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, safe_torch_load
 from .progress import progress_bar
 
 DRIVE_FOLDER_ID = "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL"
@@ -91,24 +93,47 @@ def fetch_released(
         if url is not None and downloader is not None:
             raise ValueError("pass either url or downloader, not both")
         if url is not None:
-            download_to(path, lambda f: http_download(url, f, progress=progress))
+            write = functools.partial(http_download, url, progress=progress)
         elif downloader is not None:
-            download_to(path, lambda f: downloader(filename, f))
+            write = functools.partial(downloader, filename)
         else:
-            download_to(path, lambda f: gdrive_download(filename, f, progress=progress))
+            write = functools.partial(gdrive_download, filename, progress=progress)
+        download_to(path, write, check=_readable_checkpoint)
     verify_or_record(path)
     return path
 
 
-def download_to(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Run `write(file)` into a temporary file beside `path`, renamed onto `path` on success.
+def download_to(
+    path: str | os.PathLike,
+    write: Callable[[IO[bytes]], None],
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Run `write(file)` into a temporary file beside `path`, then `check(temporary path)`,
+    and rename it onto `path` only when both succeed.
 
-    Any exception (network error, short read) removes the temporary file and propagates.
+    Any exception (network error, short read, a file `check` refuses) removes the temporary
+    file and propagates, so the cache never holds a file that failed.
     """
     path = Path(path)
-    with atomic_open(path, "wb") as f:
-        write(f)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+        if check is not None:
+            check(tmp)
     return path
+
+
+def _readable_checkpoint(tmp: Path) -> None:
+    """Refuse a download that is not a whole PyTorch checkpoint: a server that closed early
+    without a Content-Length, or an HTML page (Drive's quota or sign-in page) in its place."""
+    try:
+        safe_torch_load(tmp)
+    except (ValueError, pickle.UnpicklingError) as e:
+        head = tmp.read_bytes()[:60]
+        raise OSError(
+            f"the downloaded file is not a complete PyTorch checkpoint (first bytes {head!r}); "
+            f"nothing was cached. Loader said: {e}"
+        ) from e
 
 
 def http_download(url: str, f: IO[bytes], progress: bool = True, timeout: float = 60.0) -> int:

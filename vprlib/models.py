@@ -228,10 +228,18 @@ class VPRModel(nn.Module):
             )
         return self.aggregator(self.backbone(images))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the plain state dict (released key layout, CPU tensors) atomically to `path`."""
+    def save(self, path: str | os.PathLike, released_layout: bool = False) -> None:
+        """Write the weights (CPU tensors, released key layout) atomically to `path`.
+
+        By default as {"state_dict": ..., "model_config": self.config}, so `load_pretrained`
+        rebuilds exactly this model (settings without weights, such as Conv-AP's pool size
+        or GeM's eps, cannot be read back from a plain state dict). released_layout=True
+        writes the plain state dict, like the published files, for code that calls
+        `model.load_state_dict(torch.load(path))`."""
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        atomic_torch_save(state, path)
+        atomic_torch_save(
+            state if released_layout else {"state_dict": state, "model_config": self.config}, path
+        )
 
 
 def make_preprocess(
@@ -483,7 +491,7 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
     config = dict(config) if config is not None else infer_config(state, image_size)
     for key in MODEL_OPTIONS:
         if key == "agg_config" and key in kw:
-            config["agg_config"] = {**config.get("agg_config", {}), **kw["agg_config"]}
+            config["agg_config"] = {**config.get("agg_config", {}), **(kw["agg_config"] or {})}
         elif key in kw:
             config[key] = kw[key]
     config["pretrained"] = False
