@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .fileio import atomic_path, atomic_write_text, safe_torch_load
+from .fileio import atomic_open, atomic_write_text, safe_torch_load
 from .progress import progress_bar
 
 DRIVE_FOLDER_ID = "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL"
@@ -115,11 +115,11 @@ def download_to(
     file and propagates, so the cache never holds a file that failed.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
+    with atomic_open(path, "wb") as f:
+        write(f)
+        f.flush()
         if check is not None:
-            check(tmp)
+            check(Path(f.name))  # the temporary file, not yet renamed onto `path`
     return path
 
 
