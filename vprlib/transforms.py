@@ -244,7 +244,8 @@ def _warp_affine(
 ) -> torch.Tensor:
     """v2 affine_image (same size, zero fill) of uint8 [N, 3, H, W] with the sampling grid
     built by broadcasting instead of a batched matmul; equal to v2 up to float rounding (rare
-    +-1 in uint8). `matrices` (float32 [M, 6] on the image's device): M inverse affine
+    +-1 in uint8 for bilinear; for nearest a rare rounding flip picks the neighbouring pixel
+    instead). `matrices` (float32 [M, 6] on the image's device): M inverse affine
     matrices, the first for the first counts[0] images, and so on (one call warps a batch
     whatever its ops); counts=None: one matrix for all images."""
     h, w = image.shape[-2:]
