@@ -102,6 +102,45 @@ def test_global_batch_must_split_evenly(monkeypatch, gsv_root):
     assert not torch.distributed.is_initialized()
 
 
+def test_one_place_per_process_needs_gather_for_mining(monkeypatch, gsv_root):
+    """Per-process mining on 1 place finds no negatives: the loss is 0 and nothing trains."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32))
+    model = vprlib.VPRModel("resnet18", layers_to_crop=(3, 4), agg="gem")
+    with pytest.raises(ValueError, match=r"leaves 1 place per process.*gather_for_mining=True"):
+        fit(model, ds, epochs=1, places_per_batch=4, device="cpu", progress=False)
+    assert not torch.distributed.is_initialized()
+
+
+CLEANUP_SCRIPT = """
+import os, sys, torch.distributed as dist, vprlib
+from pathlib import Path
+ds = vprlib.GSVCitiesDataset(sys.argv[1], image_size=(32, 32))
+model = vprlib.VPRModel("resnet18", layers_to_crop=(3, 4), agg="gem")
+try:
+    vprlib.fit(model, ds, epochs=1, places_per_batch=4, device="cpu", progress=False,
+               checkpoint_dir=sys.argv[2], resume=True)
+except FileNotFoundError as e:  # raised after joining the group (no last.ckpt)
+    Path(sys.argv[3], os.environ["RANK"]).write_text(f"initialized {dist.is_initialized()}")
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_fit_leaves_the_process_group(gsv_root, repo_root, tmp_path):
+    """fit joins the group, then raises: every rank has left the group when the error arrives."""
+    script = tmp_path / "fail.py"
+    script.write_text(CLEANUP_SCRIPT)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    _launch(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(script)],
+        [str(gsv_root), str(tmp_path / "no_checkpoints"), str(tmp_path)],
+        repo_root,
+    )
+    assert [(tmp_path / r).read_text() for r in ("0", "1")] == ["initialized False"] * 2
+
+
 def test_torchrun_environment(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -206,13 +206,15 @@ def test_resume_may_add_validation(dataset, bench, tmp_path):
     assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 1
 
 
-def test_bad_arguments(dataset):
+def test_bad_arguments(dataset, bench):
     for kw, match in [
         ({"precision": "fp8"}, "precision"),
         ({"optimizer": "adam"}, "optimizer"),
         ({"loss": "NoSuchLoss"}, "MultiSimilarityLoss"),
         ({"resume": "yes"}, "resume"),
         ({"epochs": 0}, "epochs"),
+        ({"max_steps_per_epoch": 0}, "max_steps_per_epoch must be >= 1"),
+        ({"val": bench, "val_image_size": (0, 0)}, r"image_size .* positive"),  # before epoch 1
     ]:
         with pytest.raises(ValueError, match=match):
             fit(tiny_model(), dataset, **{"epochs": 1, **FIT, **kw})
@@ -275,6 +277,26 @@ def test_cli_errors(tmp_path):
         main(["--data-root", str(tmp_path), "--epochs", "1"])
     with pytest.raises(SystemExit):
         main(["--resume", "sometimes"])
+
+
+def test_cli_reaches_every_fit_argument(monkeypatch):
+    """Each keyword of fit has a flag; 'none' turns the miner off; the values arrive."""
+    import inspect
+
+    from vprlib import train_cli
+
+    seen = {}
+    monkeypatch.setattr(train_cli, "fit", lambda model, ds, **kw: seen.update(kw) or pd.DataFrame())
+    monkeypatch.setattr(train_cli, "_gsv_root", lambda root: root)
+    monkeypatch.setattr(vprlib.gsv_dataset, "GSVCitiesDataset", lambda *a, **kw: None)
+    train_cli.main(
+        ["--data-root", "x", "--backbone", "resnet18", "--no-pretrained", "--miner", "none",
+         "--no-channels-last", "--prefetch", "2", "--log-every", "5", "--epochs", "1"]
+    )  # fmt: skip
+    params = [n for n in inspect.signature(fit).parameters if n not in ("model", "train_dataset")]
+    assert sorted(seen) == sorted(params)
+    assert seen["miner"] is None and seen["channels_last"] is False
+    assert seen["prefetch"] == 2 and seen["log_every"] == 5
 
 
 # ----------------------------------------------------------------------------------------------

@@ -349,195 +349,221 @@ def fit(
         raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir (where last.ckpt is)")
+    if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
+        raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {max_steps_per_epoch}")
+    benchmarks = _as_benchmarks(val)
+    if benchmarks:  # a bad size would otherwise surface only after the first epoch
+        from .evaluate import preprocess_config
+
+        preprocess_config(model, val_image_size)
     # torchrun (WORLD_SIZE > 1): join the process group, one device per rank (distributed.py).
     world_size, rank, local_rank = distributed.torchrun_ranks()
-    distributed.places_per_rank(places_per_batch, world_size)  # raises before joining
+    per_rank = distributed.places_per_rank(places_per_batch, world_size)  # raises before joining
+    if per_rank < 2 and not gather_for_mining:
+        raise ValueError(
+            f"places_per_batch={places_per_batch} over {world_size} processes leaves {per_rank} "
+            "place per process: mining within a process finds no negative pairs (the loss "
+            "would be 0 and nothing would train); raise places_per_batch or set "
+            "gather_for_mining=True"
+        )
     ctx, device = distributed.init_distributed(setup_device(device), world_size, rank, local_rank)
-    progress = progress and ctx.is_main
-    precision = resolve_precision(precision, device)
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
-    prefetch = (1 if device.type == "cuda" else 0) if prefetch is None else prefetch
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    benchmarks = _as_benchmarks(val)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fit_args = {
-        "epochs": epochs,
-        "places_per_batch": places_per_batch,
-        "lr": lr,
-        "optimizer": optimizer,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "warmup_steps": warmup_steps,
-        "milestones": [int(m) for m in milestones],
-        "gamma": gamma,
-        "loss": loss if isinstance(loss, str) else type(loss).__name__,
-        "miner": miner if isinstance(miner, str) or miner is None else type(miner).__name__,
-        "precision": precision,
-        "seed": seed,
-        "max_steps_per_epoch": max_steps_per_epoch,
-        "num_places": len(train_dataset),
-        "world_size": ctx.world_size,
-        "gather_for_mining": gather_for_mining,
-    }
-    seed_everything(seed + ctx.rank)
-    if hasattr(train_dataset, "for_device"):  # decode="auto": nvJPEG + GPU RandAugment on CUDA
-        train_dataset = train_dataset.for_device(device)
-
-    # Model, loss, miner, optimizer, schedule, scaler.
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    loss_fn = (get_loss(loss) if isinstance(loss, str) else loss).to(device)
-    miner_fn = get_miner(miner) if isinstance(miner, str) else miner
-    params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
-    opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
-    loader, sampler = make_loader(
-        train_dataset,
-        places_per_batch,
-        seed,
-        num_workers,
-        device,
-        max_steps_per_epoch,
-        world_size=ctx.world_size,
-        rank=ctx.rank,
-    )
-    steps_per_epoch = len(loader)
-    schedule = partial(
-        lr_factor,
-        warmup_steps=min(warmup_steps, steps_per_epoch),
-        steps_per_epoch=steps_per_epoch,
-        milestones=tuple(milestones),
-        gamma=gamma,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    model_config = getattr(model, "config", None)
-
-    # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
-    start_epoch, global_step, history = 0, 0, []
-    last_path = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
-    if resume == "auto" and not last_path.is_file():
-        warnings.warn(f"resume='auto': no checkpoint at {last_path}, starting fresh", stacklevel=2)
-    elif resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(
-                f"resume=True but there is no checkpoint at {last_path}; "
-                "use resume='auto' to start fresh when it is missing"
-            )
-        ckpt = load_checkpoint(last_path)
-        _check_resume_args(ckpt, fit_args, model_config, last_path)
-        model.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("loss"):
-            loss_fn.load_state_dict(ckpt["loss"])
-        rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
-        if ctx.rank < len(rngs):
-            _set_rng_state(rngs[ctx.rank])
-        else:  # more processes than the checkpointed run: a fresh stream for this rank
-            seed_everything(seed + ctx.rank)
-        start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
-        history = list(ckpt["history"])
-    key_metric = f"{benchmarks[0].name}_R@1" if benchmarks else None
-    # rows of a resumed run saved before validation was added have no such column
-    best = max((row.get(key_metric, -1.0) for row in history), default=-1.0) if key_metric else None
-
-    use_compile = compile is True or (compile == "auto" and device.type == "cuda")
-    train_model = distributed.wrap_model(model, ctx, device)  # DDP under torchrun
-    forward = torch.compile(train_model) if use_compile else train_model
-    gather = gather_for_mining and ctx.enabled
-
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        if hasattr(train_dataset, "set_epoch"):
-            train_dataset.set_epoch(epoch)
-        model.train()
-        bar = progress_bar(
-            progress, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True
-        )
-        loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
-        t0 = time.perf_counter()
-        batches = device_batches(loader, train_dataset, device, channels_last, prefetch)
-        with contextlib.closing(batches):
-            for x, labels in batches:
-                images += labels.numel()  # this rank's images
-                step_lr = opt.param_groups[0]["lr"]
-                loss_value, b_acc = train_step(
-                    forward,
-                    x,
-                    labels,
-                    loss_fn,
-                    miner_fn,
-                    opt,
-                    scaler,
-                    precision,
-                    gather=gather,
-                    ctx=ctx,
-                )
-                scheduler.step()
-
-                steps += 1
-                global_step += 1
-                loss_sum += loss_value
-                bacc_sum += b_acc
-                if bar is not None:
-                    bar.update(1)
-                    if steps % log_every == 0 or steps == steps_per_epoch:
-                        rate = images / (time.perf_counter() - t0)
-                        bar.set_postfix(
-                            loss=f"{loss_value:.4f}", b_acc=f"{b_acc:.3f}", img_s=f"{rate:.0f}"
-                        )
-        seconds = time.perf_counter() - t0
-        # Under DDP: means over all ranks' steps, images of all ranks; rank 0 validates and
-        # its row goes to every rank (the others wait in `from_main` meanwhile).
-        loss_sum, bacc_sum, images = distributed.sum_over_ranks(
-            [loss_sum, bacc_sum, images], ctx, device
-        )
-        row = {
-            "epoch": epoch,
-            "steps": global_step,
-            "loss": loss_sum / (max(steps, 1) * ctx.world_size),
-            "b_acc": bacc_sum / (max(steps, 1) * ctx.world_size),
-            "lr": step_lr,
-            "seconds": seconds,
-            "images_per_s": images / seconds if seconds > 0 else math.nan,
+    try:  # the group is left also when training raises, so a later fit can join again
+        progress = progress and ctx.is_main
+        precision = resolve_precision(precision, device)
+        channels_last = device.type == "cuda" if channels_last is None else channels_last
+        prefetch = (1 if device.type == "cuda" else 0) if prefetch is None else prefetch
+        num_workers = default_num_workers() if num_workers is None else num_workers
+        ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        fit_args = {
+            "epochs": epochs,
+            "places_per_batch": places_per_batch,
+            "lr": lr,
+            "optimizer": optimizer,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "milestones": [int(m) for m in milestones],
+            "gamma": gamma,
+            "loss": loss if isinstance(loss, str) else type(loss).__name__,
+            "miner": miner if isinstance(miner, str) or miner is None else type(miner).__name__,
+            "precision": precision,
+            "seed": seed,
+            "max_steps_per_epoch": max_steps_per_epoch,
+            "num_places": len(train_dataset),
+            "world_size": ctx.world_size,
+            "gather_for_mining": gather_for_mining,
         }
-        if ctx.is_main:
-            row.update(validate(model, benchmarks, device, num_workers, val_image_size))
-        row = distributed.from_main(row, ctx)
-        model.train()
-        if bar is not None:
-            shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "b_acc") or "R@1" in k}
-            bar.set_postfix(shown)
-            bar.close()
-        history.append({k: _plain(v) for k, v in row.items()})
+        seed_everything(seed + ctx.rank)
+        if hasattr(train_dataset, "for_device"):  # decode="auto": nvJPEG + GPU RandAugment on CUDA
+            train_dataset = train_dataset.for_device(device)
 
-        if ckpt_dir is not None:  # every rank's RNG state; rank 0 writes, the others wait
-            rngs = distributed.gather_objects(_rng_state(), ctx)
-        if ckpt_dir is not None and ctx.is_main:
-            state = {
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "model_config": model_config,
+        # Model, loss, miner, optimizer, schedule, scaler.
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        loss_fn = (get_loss(loss) if isinstance(loss, str) else loss).to(device)
+        miner_fn = get_miner(miner) if isinstance(miner, str) else miner
+        params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
+        opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
+        loader, sampler = make_loader(
+            train_dataset,
+            places_per_batch,
+            seed,
+            num_workers,
+            device,
+            max_steps_per_epoch,
+            world_size=ctx.world_size,
+            rank=ctx.rank,
+        )
+        steps_per_epoch = len(loader)
+        schedule = partial(
+            lr_factor,
+            warmup_steps=min(warmup_steps, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
+            milestones=tuple(milestones),
+            gamma=gamma,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        model_config = getattr(model, "config", None)
+
+        # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
+        start_epoch, global_step, history = 0, 0, []
+        last_path = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
+        if resume == "auto" and not last_path.is_file():
+            warnings.warn(
+                f"resume='auto': no checkpoint at {last_path}, starting fresh", stacklevel=2
+            )
+        elif resume:
+            if not last_path.is_file():
+                raise FileNotFoundError(
+                    f"resume=True but there is no checkpoint at {last_path}; "
+                    "use resume='auto' to start fresh when it is missing"
+                )
+            ckpt = load_checkpoint(last_path)
+            _check_resume_args(ckpt, fit_args, model_config, last_path)
+            model.load_state_dict(ckpt["state_dict"])
+            opt.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("loss"):
+                loss_fn.load_state_dict(ckpt["loss"])
+            rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+            if ctx.rank < len(rngs):
+                _set_rng_state(rngs[ctx.rank])
+            else:  # more processes than the checkpointed run: a fresh stream for this rank
+                seed_everything(seed + ctx.rank)
+            start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
+            history = list(ckpt["history"])
+        key_metric = f"{benchmarks[0].name}_R@1" if benchmarks else None
+        # rows of a resumed run saved before validation was added have no such column
+        best = (
+            max((row.get(key_metric, -1.0) for row in history), default=-1.0)
+            if key_metric
+            else None
+        )
+
+        use_compile = compile is True or (compile == "auto" and device.type == "cuda")
+        train_model = distributed.wrap_model(model, ctx, device)  # DDP under torchrun
+        forward = torch.compile(train_model) if use_compile else train_model
+        gather = gather_for_mining and ctx.enabled
+
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            if hasattr(train_dataset, "set_epoch"):
+                train_dataset.set_epoch(epoch)
+            model.train()
+            bar = progress_bar(
+                progress,
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                dynamic_ncols=True,
+            )
+            loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
+            t0 = time.perf_counter()
+            batches = device_batches(loader, train_dataset, device, channels_last, prefetch)
+            with contextlib.closing(batches):
+                for x, labels in batches:
+                    images += labels.numel()  # this rank's images
+                    step_lr = opt.param_groups[0]["lr"]
+                    loss_value, b_acc = train_step(
+                        forward,
+                        x,
+                        labels,
+                        loss_fn,
+                        miner_fn,
+                        opt,
+                        scaler,
+                        precision,
+                        gather=gather,
+                        ctx=ctx,
+                    )
+                    scheduler.step()
+
+                    steps += 1
+                    global_step += 1
+                    loss_sum += loss_value
+                    bacc_sum += b_acc
+                    if bar is not None:
+                        bar.update(1)
+                        if steps % log_every == 0 or steps == steps_per_epoch:
+                            rate = images / (time.perf_counter() - t0)
+                            bar.set_postfix(
+                                loss=f"{loss_value:.4f}", b_acc=f"{b_acc:.3f}", img_s=f"{rate:.0f}"
+                            )
+            seconds = time.perf_counter() - t0
+            # Under DDP: means over all ranks' steps, images of all ranks; rank 0 validates and
+            # its row goes to every rank (the others wait in `from_main` meanwhile).
+            loss_sum, bacc_sum, images = distributed.sum_over_ranks(
+                [loss_sum, bacc_sum, images], ctx, device
+            )
+            row = {
                 "epoch": epoch,
-                "global_step": global_step,
-                "optimizer": opt.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "loss": loss_fn.state_dict() if list(loss_fn.parameters()) else None,
-                "rng": rngs[0],
-                "rng_per_rank": rngs,
-                "history": history,
-                "fit_args": fit_args,
+                "steps": global_step,
+                "loss": loss_sum / (max(steps, 1) * ctx.world_size),
+                "b_acc": bacc_sum / (max(steps, 1) * ctx.world_size),
+                "lr": step_lr,
+                "seconds": seconds,
+                "images_per_s": images / seconds if seconds > 0 else math.nan,
             }
-            save_checkpoint(ckpt_dir / "last.ckpt", state)
-            if key_metric is not None and row[key_metric] > best:
-                best = row[key_metric]
-                save_checkpoint(ckpt_dir / "best.ckpt", state)
-        distributed.barrier(ctx)
-    distributed.cleanup(ctx)
-    return pd.DataFrame(history)
+            if ctx.is_main:
+                row.update(validate(model, benchmarks, device, num_workers, val_image_size))
+            row = distributed.from_main(row, ctx)
+            model.train()
+            if bar is not None:
+                shown = {
+                    k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "b_acc") or "R@1" in k
+                }
+                bar.set_postfix(shown)
+                bar.close()
+            history.append({k: _plain(v) for k, v in row.items()})
+
+            if ckpt_dir is not None:  # every rank's RNG state; rank 0 writes, the others wait
+                rngs = distributed.gather_objects(_rng_state(), ctx)
+            if ckpt_dir is not None and ctx.is_main:
+                state = {
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "model_config": model_config,
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "loss": loss_fn.state_dict() if list(loss_fn.parameters()) else None,
+                    "rng": rngs[0],
+                    "rng_per_rank": rngs,
+                    "history": history,
+                    "fit_args": fit_args,
+                }
+                save_checkpoint(ckpt_dir / "last.ckpt", state)
+                if key_metric is not None and row[key_metric] > best:
+                    best = row[key_metric]
+                    save_checkpoint(ckpt_dir / "best.ckpt", state)
+            distributed.barrier(ctx)
+        return pd.DataFrame(history)
+    finally:
+        distributed.cleanup(ctx)
 
 
 def validate(

@@ -25,6 +25,10 @@ def _resume_arg(text: str) -> bool | str:
     raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
 
 
+def _miner_arg(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
 def _gsv_root(data_root: str | None) -> Path:
     """The GSV-Cities folder: --data-root (itself or its GSV-Cities/), else the env variables."""
     if data_root is None:
@@ -90,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--milestones", nargs="*", type=int, default=[5, 10, 15, 25])
     t.add_argument("--gamma", type=float, default=0.3)
     t.add_argument("--loss", default="MultiSimilarityLoss")
-    t.add_argument("--miner", default="MultiSimilarityMiner")
+    t.add_argument(
+        "--miner",
+        type=_miner_arg,
+        default="MultiSimilarityMiner",
+        help="a pytorch-metric-learning miner name, or 'none' for the loss on all pairs",
+    )
     t.add_argument("--precision", choices=PRECISIONS, default="auto")
     t.add_argument(
         "--compile",
@@ -98,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="torch.compile the model (auto: on CUDA only)",
     )
+    t.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on CUDA only)",
+    )
+    t.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="batches prepared ahead on a side stream (default: 1 on CUDA, else 0)",
+    )
+    t.add_argument("--log-every", type=int, default=10, help="progress-bar refresh, in steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--num-workers", type=int, default=None)
@@ -179,6 +201,8 @@ def main(argv: Sequence[str] | None = None):
         miner=args.miner,
         precision=args.precision,
         compile={"on": True, "off": False}.get(args.compile, "auto"),
+        channels_last=args.channels_last,
+        prefetch=args.prefetch,
         val=val or None,
         val_image_size=tuple(args.val_image_size or args.image_size),
         checkpoint_dir=args.checkpoint_dir,
@@ -188,6 +212,7 @@ def main(argv: Sequence[str] | None = None):
         num_workers=args.num_workers,
         progress=not args.no_progress,
         max_steps_per_epoch=args.max_steps_per_epoch,
+        log_every=args.log_every,
         gather_for_mining=args.gather_for_mining,
     )
     if distributed.is_main_process():  # under torchrun only rank 0 prints and writes
