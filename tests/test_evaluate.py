@@ -225,6 +225,19 @@ def test_nan_descriptors_name_the_batch(sample, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+class HugeNet(TinyNet):
+    def forward(self, x):
+        return super().forward(x) * 1e6  # beyond float16's 65504
+
+
+def test_half_refuses_descriptors_float16_cannot_hold(sample):
+    paths = sample.db_paths[:4]
+    with pytest.raises(ValueError, match=r"beyond float16's range .* images \["):
+        extract_descriptors(HugeNet(), paths, num_workers=0, progress=False, half=True)
+    full = extract_descriptors(HugeNet(), paths, num_workers=0, progress=False)
+    assert np.isfinite(full).all() and np.abs(full).max() > 65504
+
+
 class PreloadedImages(torch.utils.data.Dataset):
     def __init__(self, images, group=1):
         self.images, self.group = images, group
@@ -299,7 +312,8 @@ def test_evaluate_end_to_end(sample, resnet_results):
     table = res.table()
     assert list(table.columns) == ["benchmark", "#db", "#queries"] + [
         f"R@{k}" for k in (1, 5, 10, 15, 20, 25)
-    ]
+    ] + ["protocol"]
+    assert table.loc[0, "protocol"] == sample.variant
     assert table.loc[0, "R@5"] == round(100 * res.recalls[5], 1)
     assert table.loc[0, "#db"] == sample.num_db
     empty = sample.num_without_positives

@@ -187,6 +187,7 @@ def test_plot_size_vs_recall_sorted_by_size():
             "Pitts30k R@1": [90.5, 89.1, 90.5],
             "MSLS R@1": [83.1, 82.6, 83.5],
             "MSLS R@5": [90.3, 90.0, 89.7],
+            "MSLS R@10": [92.0, 91.0, 91.5],  # not an R@1 column, though it starts like one
         }
     )
     fig = plots.plot_size_vs_recall(table)
@@ -240,5 +241,11 @@ def test_plot_failure_distances_skips_nan():
     ax = fig.axes[0]
     assert sum(_bar_heights(ax)) == 3 and "3 failures" in ax.get_title()
     _has_text(fig)
+    lines = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert [tuple(ln.get_xdata()) for ln in lines] == [(25.0, 25.0)]
+    wide = plots.plot_failure_distances([30.0, 120.0], bins=4, threshold_m=100.0).axes[0]
+    assert wide.get_legend().get_texts()[0].get_text() == "100 m threshold"
+    assert [tuple(ln.get_xdata()) for ln in wide.lines] == [(100.0, 100.0)]
+    assert not plots.plot_failure_distances([30.0], threshold_m=None).axes[0].lines
     fig = plots.plot_failure_distances([np.nan])
     assert not fig.axes[0].patches and "no failures" in fig.axes[0].texts[0].get_text()

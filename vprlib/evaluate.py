@@ -143,6 +143,15 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _descriptor_problem(desc: torch.Tensor, half: bool) -> str | None:
+    """Why a batch of float32 descriptors cannot be stored, or None."""
+    if not torch.isfinite(desc).all():
+        return "non-finite (NaN/inf) descriptors"
+    if half and desc.abs().max() > torch.finfo(torch.float16).max:
+        return "descriptors beyond float16's range (65504; half=True would make them inf)"
+    return None
+
+
 def extract_descriptors(
     model: torch.nn.Module,
     paths_or_dataset: Sequence[str | os.PathLike] | Dataset,
@@ -245,13 +254,12 @@ def extract_descriptors(
                             f"got more descriptors ({stop}) than dataset items ({n}): items "
                             "must be single images [3,H,W] (or tuples starting with one)"
                         )
-                    if not torch.isfinite(desc).all():
+                    problem = _descriptor_problem(desc, half)
+                    if problem is not None:
                         bad = (
                             paths[start:stop] if paths is not None else f"items {start}..{stop - 1}"
                         )
-                        raise ValueError(
-                            f"non-finite (NaN/inf) descriptors in the batch of images {bad}"
-                        )
+                        raise ValueError(f"{problem} in the batch of images {bad}")
                     if out is None:
                         out = _allocate(tmp, (n, desc.shape[1]), out_dtype)
                     out[start:stop] = desc.cpu().numpy()
@@ -457,13 +465,20 @@ class EvalResults:
         return int(sum(len(g) == 0 for g in self.ground_truth))
 
     def table(self) -> pd.DataFrame:
-        """One row: benchmark, #db, #queries, R@K in percent (1 decimal)."""
+        """One row: benchmark, #db, #queries, R@K in percent (1 decimal), and the protocol
+        (the benchmark's variant, and whether queries without positives were dropped), so
+        rows scored differently never look alike."""
         row: dict[str, Any] = {
             "benchmark": self.benchmark,
             "#db": len(self.db_paths),
             "#queries": len(self.query_paths),
         }
         row.update({f"R@{k}": round(100 * v, 1) for k, v in sorted(self.recalls.items())})
+        empty = self.num_without_positives
+        dropped = (
+            f"; {empty} queries without positives dropped" if self.skip_empty and empty else ""
+        )
+        row["protocol"] = f"{self.variant}{dropped}"
         return pd.DataFrame([row])
 
     def summary(self) -> str:

@@ -386,10 +386,15 @@ def plot_size_vs_recall(
 ):
     """Descriptor size (log scale) against recall, one line per benchmark column.
 
-    `recall_cols` defaults to the columns whose name contains "R@1" (values in percent).
+    `recall_cols` defaults to the columns whose name ends with "R@1" (values in percent; not
+    R@10 or R@15).
     """
     _require_columns(table, [size_col], "plot_size_vs_recall")
-    cols = list(recall_cols) if recall_cols is not None else [c for c in table if "R@1" in str(c)]
+    cols = (
+        list(recall_cols)
+        if recall_cols is not None
+        else [c for c in table if str(c).rstrip().endswith("R@1")]
+    )
     if not cols:
         raise KeyError(f"plot_size_vs_recall: no recall columns (with 'R@1'); has {list(table)}")
     _require_columns(table, cols, "plot_size_vs_recall")
@@ -464,10 +469,11 @@ def plot_compare(
     return fig
 
 
-def plot_failure_distances(metres, bins: int = 20):
+def plot_failure_distances(metres, bins: int = 20, threshold_m: float | None = 25.0):
     """Histogram of how far (metres) the wrong top-1 matches are from their queries.
 
     NaN entries (no coordinates) are left out; with no finite value the panel says so.
+    `threshold_m`: the benchmark's positive radius, drawn as a dashed line (None: no line).
     """
     values = np.asarray(metres, dtype=float).reshape(-1)
     finite = values[np.isfinite(values)]
@@ -475,8 +481,10 @@ def plot_failure_distances(metres, bins: int = 20):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if finite.size:
         ax.hist(finite, bins=bins, color=WRONG_COLOUR, edgecolor="white")
-        ax.axvline(25.0, color="black", linestyle="--", linewidth=1, label="25 m threshold")
-        ax.legend(fontsize=8)
+        if threshold_m is not None and np.isfinite(threshold_m):
+            label = f"{threshold_m:g} m threshold"
+            ax.axvline(threshold_m, color="black", linestyle="--", linewidth=1, label=label)
+            ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no failures with known coordinates", ha="center", transform=ax.transAxes)
     ax.set_title(f"Wrong top-1 matches: distance to the query ({finite.size} failures)")
