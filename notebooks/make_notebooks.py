@@ -271,11 +271,11 @@ def nb02() -> list:
             adaptive average pool to 2x2, flatten, L2) and the **Multi-Similarity** loss on
             batches of P places x K images.
 
-            The defaults train a tiny model (ResNet18 without layer4, 64x64 images, 2 short
+            The defaults train a tiny model (ResNet18 without layer4, 64x64 images, 5 short
             epochs) on the committed sample so the notebook runs in about a minute on a CPU.
             Set `FULL_RUN = True` on a GPU with the real data for the paper's recipe:
             ResNet50 (ImageNet weights, conv1..layer2 frozen), 320x320 images, 100 places x 4
-            images per batch, SGD lr 0.05 with warm-up and steps at epochs 5, 10, 15, 25.
+            images per batch, SGD lr 0.05 (from later work; the paper used 0.03) with warm-up and steps at epochs 5, 10, 15, 25.
             """,
         ),
         code(
@@ -523,8 +523,8 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
         ),
         md(
             """
-            Going from 8192 to 2048 dimensions costs almost nothing; 512 dimensions lose 1-2
-            points on the city benchmarks and more on Nordland (seasonal changes on a train
+            Going from 8192 to 2048 dimensions costs almost nothing on the city benchmarks (about 2
+            points on Nordland); 512 dimensions lose 1-2 points on the city benchmarks and more on Nordland (seasonal changes on a train
             line, far from the training domain).
 
             ## Load weights
@@ -626,7 +626,6 @@ K = 5  # matches shown per query
         code(
             """
             import numpy as np
-            import pandas as pd
 
             import vprlib
             from vprlib import plots, widgets

@@ -1,6 +1,6 @@
 """vprlib: supervised Visual Place Recognition on GSV-Cities, thin enough to copy.
 
-Importing vprlib needs only torch, torchvision, numpy, pandas, pillow, faiss and
+Importing vprlib needs only torch, torchvision, numpy, pandas (+ pyarrow), pillow, faiss and
 pytorch-metric-learning; notebook libraries are imported inside the functions that use them.
 Note: `vprlib.evaluate` is the function; its module is reached with `from vprlib.evaluate import ...`.
 """

@@ -376,7 +376,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         return torch.stack([img for img, _ in items]), labels
 
     def batch_to_device(self, images, device, channels_last: bool = False) -> torch.Tensor:
-        """A collated batch -> normalised float [P*K,3,H,W] on `device`. For decode="gpu" and
+        """The images of a collated batch (`images, labels = batch`) -> normalised float
+        [P*K,3,H,W] on `device`. For decode="gpu" and
         "mixed" this decodes (nvJPEG on CUDA), resizes and RandAugments on the device.
         Equal to `augment_on_device(decode_on_device(...))`, its two halves."""
         return self.augment_on_device(self.decode_on_device(images, device), device, channels_last)

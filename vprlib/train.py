@@ -317,7 +317,7 @@ def fit(
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
       on (seed, e). Initialising the model before calling fit is the caller's business.
     - device: None = CUDA if available. num_workers: None = `default_num_workers()` (CPU
-      cores - 2, between 1 and 12).
+      cores - 2, between 1 and 12; 0 on a single core).
     - progress: per-epoch tqdm bar with loss, b_acc and images/s, updated every `log_every`
       steps. max_steps_per_epoch: cut epochs short (smoke runs).
 
