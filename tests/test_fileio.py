@@ -62,3 +62,27 @@ def test_atomic_path_renames_on_success_and_cleans_up_on_failure(tmp_path):
             raise OSError("disk full")
     assert target.read_bytes() == b"data"
     assert [p.name for p in tmp_path.iterdir()] == ["d.npy"]
+
+
+def test_overwriting_keeps_the_files_mode(tmp_path):
+    p = tmp_path / "private.txt"
+    p.write_text("old")
+    p.chmod(0o600)
+    atomic_write_text(p, "new")
+    assert p.read_text() == "new" and p.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"<!DOCTYPE html><html>quota</html>", b"PK\x03\x04 truncated zip"],
+    ids=["empty", "html", "broken-zip"],
+)
+def test_safe_torch_load_names_the_file_for_any_unreadable_bytes(tmp_path, content):
+    import pickle
+
+    from vprlib.fileio import safe_torch_load
+
+    p = tmp_path / "bad.ckpt"
+    p.write_bytes(content)
+    with pytest.raises((ValueError, pickle.UnpicklingError), match=r"bad\.ckpt"):
+        safe_torch_load(p)

@@ -5,6 +5,7 @@ import importlib.util
 import io
 import itertools
 import math
+import re
 import shutil
 import string
 import warnings
@@ -348,6 +349,22 @@ def test_blank_line_after_the_header(tmp_path):
     pd.testing.assert_frame_equal(G.read_gsv_dataframes(root), expected)
 
 
+def test_scan_refuses_names_the_parser_refuses(tmp_path):
+    """str.extract searches; a name must match whole, with the parser's range checks."""
+    root, names = small_tree(tmp_path)
+    folder = root / "Images" / "TST"
+    parts = names[0].split("_")
+    month_13 = "_".join(parts[:3] + ["13"] + parts[4:])
+    for bad in ("._" + names[0], month_13):  # a macOS resource fork; month 13
+        (folder / bad).write_bytes((folder / names[0]).read_bytes())
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            G.scan_gsv_images(root)
+        with pytest.raises(ValueError):
+            G.parse_gsv_filename(bad)
+        (folder / bad).unlink()
+    assert len(G.scan_gsv_images(root)) == len(names)
+
+
 # ---------------------------------------------------------------- pandas helpers
 
 
@@ -663,3 +680,25 @@ def test_threads_give_the_same_table(gsv_root):
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="threads"):
             G.read_gsv_dataframes(gsv_root, threads=bad)
+
+
+def test_helpers_on_tables_without_place_or_place_id(gsv_root):
+    df = G.read_gsv_dataframes(gsv_root)
+    raw = df.drop(columns=["place"])  # a city CSV as pandas reads it
+    assert G.min_place_distance_m(raw) == G.min_place_distance_m(df)
+    keyed = df[["place", "path"]]  # grouping by `place` needs no place_id
+    counts = df.groupby("place").size()
+    assert set(G.filter_min_images(keyed, 8)["place"]) == set(counts[counts >= 8].index)
+    with pytest.raises(TypeError, match="years must be an int or ints, got '2017'"):
+        G.filter_dates(df, years="2017")
+
+
+def test_a_place_without_coordinates_does_not_hide_its_city(gsv_root):
+    df = G.read_gsv_dataframes(gsv_root)
+    boston = df[df["city_id"] == "Boston"].copy()
+    expected = G.min_place_distance_m(boston)
+    lone = boston["place"] == boston["place"].iloc[0]
+    boston.loc[lone, ["lat", "lon"]] = np.nan
+    rest = boston[~lone]
+    assert np.isfinite(expected)
+    assert G.min_place_distance_m(boston) == G.min_place_distance_m(rest) < np.inf

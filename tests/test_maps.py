@@ -112,3 +112,20 @@ def test_retrieval_map_colours_follow_correct():
     assert "1112 m from query" in html  # 0.01 deg of latitude
     with pytest.raises(ValueError, match="3 database positions but 2"):
         maps.retrieval_map(q, db, [True, False])
+
+
+def test_rows_without_coordinates_are_named_and_one_point_has_an_area():
+    df = _df()
+    df.loc[df["place"] == 1, "lat"] = np.nan
+    for draw in (
+        maps.cities_map,
+        lambda d: maps.city_map(d, "PRS"),
+        lambda d: maps.place_map(d, 1),
+    ):
+        with pytest.raises(ValueError, match=r"5 rows have no lat/lon \(NaN\), in places \[1\]"):
+            draw(df)
+    html = _render(maps.city_map(_df(), "OSL"))  # one place: the view must not be a point
+    (south, west), (north, east) = json.loads(
+        re.search(r"fitBounds\(\s*(\[\[.*?\]\])", html, re.S)[1]
+    )
+    assert north > south and east > west

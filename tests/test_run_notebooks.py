@@ -46,3 +46,11 @@ def test_failure_names_notebook_and_cell(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no .ipynb"):
         find_notebooks(empty)
+
+
+def test_a_dying_kernel_names_notebook_and_cell(tmp_path, capsys):
+    _write(tmp_path / "01_dies.ipynb", "x = 1", "import os\nos._exit(1)")
+    with pytest.raises(NotebookError, match=r"01_dies.ipynb: cell 2 failed"):
+        run_notebook(tmp_path / "01_dies.ipynb", timeout=60)
+    assert main([str(tmp_path)]) == 1
+    assert "FAILED 01_dies.ipynb: cell 2" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import IO, Any
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` for writers that need a file name (e.g. a numpy
-    memmap); on success fsync it and rename it onto `path`, on failure remove it."""
+    memmap); on success fsync it and rename it onto `path`, on failure remove it. A symlink
+    at `path` is replaced by the new file (the file it pointed to is left as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,7 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _apply_umask(tmp)
+        _apply_umask(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -89,15 +91,23 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
             f"Loader said: {' '.join(detail)}"
         ) from e
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated?): {e}") from e
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what torch.load raises on an
+        # empty, truncated or foreign file, depending on where the bytes stop making sense
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint (truncated?): {type(e).__name__}: {e}"
+        ) from e
 
 
-def _apply_umask(tmp: str | os.PathLike) -> None:
-    # mkstemp creates 0600 files; give the result the mode a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+def _apply_umask(tmp: str | os.PathLike, target: Path) -> None:
+    # mkstemp creates 0600 files; give the result the mode a plain open() would have: the
+    # existing file's mode when overwriting, else 0666 less the umask.
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -46,6 +46,7 @@ _NAME_RE = re.compile(
     r"(?P<city_id>[^_/\\]+)_(?P<place_id>\d+)_(?P<year>\d{4})_(?P<month>\d{2})_"
     rf"(?P<northdeg>\d+)_(?P<lat>{_FLOAT})_(?P<lon>{_FLOAT})_(?P<panoid>[^/\\]+)\.(?:jpg|JPG)"
 )
+_WHOLE_NAME_RE = re.compile(rf"\A(?:{_NAME_RE.pattern})\Z")  # str.extract searches; anchor it
 
 # ---------------------------------------------------------------- file names
 
@@ -263,8 +264,16 @@ def scan_gsv_images(
     frames = []
     for city_id in dict.fromkeys(chosen):
         names = sorted(n for n in os.listdir(images / city_id) if n.endswith((".jpg", ".JPG")))
-        parts = pd.Series(names, dtype=object).str.extract(_NAME_RE)
-        bad = parts["city_id"].isna() | (parts["city_id"] != city_id)
+        parts = pd.Series(names, dtype=object).str.extract(_WHOLE_NAME_RE)
+        month = pd.to_numeric(parts["month"])
+        lat, lon = pd.to_numeric(parts["lat"]), pd.to_numeric(parts["lon"])
+        bad = (
+            parts["city_id"].isna()
+            | (parts["city_id"] != city_id)
+            | ~month.between(1, 12)
+            | ~lat.between(-90.0, 90.0)
+            | ~lon.between(-180.0, 180.0)
+        )  # the checks of parse_gsv_filename, column-wise
         if bad.any():
             wrong = [names[i] for i in np.flatnonzero(bad.to_numpy())]
             raise ValueError(
@@ -297,8 +306,7 @@ def filter_min_images(df: pd.DataFrame, n: int) -> pd.DataFrame:
     """Rows of places that have at least `n` images."""
     if int(n) < 1:
         raise ValueError(f"filter_min_images: n must be >= 1, got {n!r}")
-    key = _place_key(df)
-    sizes = df.groupby(key, sort=False)["place_id"].transform("size")
+    sizes = df.groupby(_place_key(df), sort=False).transform("size")
     return df[sizes >= int(n)]
 
 
@@ -310,6 +318,9 @@ def filter_dates(
     """Rows taken in the given years and/or months (ints or iterables, e.g.
     years=range(2015, 2019), months=[6, 7, 8]). Places may end up with fewer images:
     follow with filter_min_images."""
+    for name, value in (("years", years), ("months", months)):
+        if isinstance(value, (str, bytes)):
+            raise TypeError(f"filter_dates: {name} must be an int or ints, got {value!r}")
     mask = pd.Series(True, index=df.index)
     if years is not None:
         years = [years] if isinstance(years, (int, np.integer)) else list(years)
@@ -366,9 +377,14 @@ def _haversine_m(lat1, lon1, lat2, lon2):
 
 
 def place_centres(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean lat/lon, city_id and image count per place (for maps and spacing checks)."""
-    g = df.groupby(_place_key(df))
-    out = g.agg(city_id=("city_id", "first"), lat=("lat", "mean"), lon=("lon", "mean"))
+    """Mean lat/lon, city_id and image count per place (for maps and spacing checks).
+    Indexed by `place`, or by (city_id, place_id) for a table without `place`."""
+    key = _place_key(df)
+    g = df.groupby(key)
+    columns = {"lat": ("lat", "mean"), "lon": ("lon", "mean")}
+    if key == "place":  # else city_id is already an index level
+        columns = {"city_id": ("city_id", "first"), **columns}
+    out = g.agg(**columns)
     out["images"] = g.size()
     return out
 
@@ -376,7 +392,7 @@ def place_centres(df: pd.DataFrame) -> pd.DataFrame:
 def min_place_distance_m(df: pd.DataFrame) -> float:
     """Smallest distance (metres) between two place centres of the same city (brute force
     per city; fine for a few thousand places)."""
-    centres = place_centres(df)
+    centres = place_centres(df).dropna(subset=["lat", "lon"])  # no position, no distance
     best = math.inf
     for _, c in centres.groupby("city_id"):
         lat, lon = c["lat"].to_numpy(), c["lon"].to_numpy()

@@ -21,9 +21,21 @@ from .plots import _require_columns
 _DECIMALS = 6
 
 
+def _require_coordinates(df: pd.DataFrame, fn: str) -> None:
+    """A map cannot place a row without lat/lon: name the places instead of folium's error."""
+    missing = df["lat"].isna() | df["lon"].isna()
+    if missing.any():
+        places = df.loc[missing, "place"].unique().tolist()
+        raise ValueError(
+            f"{fn}: {int(missing.sum())} rows have no lat/lon (NaN), in places {places[:5]}; "
+            "drop them first (df.dropna(subset=['lat', 'lon']))"
+        )
+
+
 def _city_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per city: places, images and centre (mean of its place positions)."""
     _require_columns(df, ["city_id", "place", "lat", "lon"], "cities_map")
+    _require_coordinates(df, "cities_map")
     per_city = (
         place_centres(df)
         .groupby("city_id")
@@ -77,6 +89,7 @@ def city_map(df: pd.DataFrame, city: str):
     from folium.plugins import FastMarkerCluster, HeatMap
 
     _require_columns(df, ["city_id", "place", "lat", "lon"], "city_map")
+    _require_coordinates(df, "city_map")
     sub = df[df["city_id"] == city]
     if sub.empty:
         known = sorted(df["city_id"].unique().tolist())
@@ -111,6 +124,7 @@ def place_map(df: pd.DataFrame, place: int, arrow_m: float = 15.0):
     import folium
 
     _require_columns(df, ["place", "lat", "lon", "year", "month", "northdeg"], "place_map")
+    _require_coordinates(df, "place_map")
     sub = df[df["place"] == place].sort_values(["year", "month"])
     if sub.empty:
         raise KeyError(f"place_map: no rows with place == {place!r}")
@@ -174,7 +188,7 @@ def _haversine_m(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * 6_371_000.0 * math.asin(math.sqrt(h))
 
 
-def _bounds(points: np.ndarray, pad_deg: float = 0.0) -> list[list[float]]:
+def _bounds(points: np.ndarray, pad_deg: float = 0.0005) -> list[list[float]]:
     """[[south, west], [north, east]] around points, padded so one point still has an area."""
     pts = np.asarray(points, dtype=float)
     lo = pts.min(axis=0) - pad_deg

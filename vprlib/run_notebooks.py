@@ -45,7 +45,7 @@ def run_notebook(
     """
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
@@ -62,7 +62,7 @@ def run_notebook(
                 continue
             try:
                 client.execute_cell(cell, index)
-            except (CellExecutionError, CellTimeoutError) as err:
+            except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
                 head = "\n".join(cell.source.splitlines()[:3])
                 raise NotebookError(
                     f"{path.name}: cell {index} failed:\n--- cell source ---\n{head}\n"
