@@ -121,8 +121,9 @@ def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
     assert more["steps"].tolist()[-1] == 6
 
 
-def test_fit_fp16_with_grad_scaler(gsv_root):
+def test_fit_fp16_with_grad_scaler(gsv_root, tmp_path):
     model = tiny_model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=0)
     history = TR.fit(
         model,
@@ -136,8 +137,13 @@ def test_fit_fp16_with_grad_scaler(gsv_root):
         compile=False,
         optimizer="adamw",
         lr=1e-4,
+        checkpoint_dir=tmp_path,
     )
     assert np.isfinite(history["loss"]).all() and history["steps"].tolist() == [3]
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["fit_args"]["precision"] == "fp16" and ckpt["scaler"]["scale"] > 0  # scaler on
+    after = model.state_dict()
+    assert any(not torch.equal(after[k].cpu(), before[k].cpu()) for k in before)  # it trained
 
 
 @pytest.mark.parametrize("gpu_decode", [False, True, None])

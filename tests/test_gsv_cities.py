@@ -455,6 +455,26 @@ def _expected(gsv_root, paths, size):
     )
 
 
+def test_random_draws_are_distinct_images_of_the_labelled_place(ds_args, gsv_root):
+    """Training's default path: the K images of item i come from the place its label names,
+    all different (drawn without replacement), and not always the same K of that place."""
+    ds = D.GSVCitiesDataset(**ds_args, augment=False, img_per_place=4, min_img_per_place=6)
+    df = ds.dataframe
+    for i in (0, 5, len(ds) - 1):
+        place = int(ds[i][1][0])
+        rows = df[df["place"] == place]
+        pool = _expected(gsv_root, rows["path"], ds.image_size)
+        drawn = set()
+        for epoch in range(4):
+            ds.set_epoch(epoch)
+            picks = [
+                next(j for j, p in enumerate(pool) if torch.equal(img, p)) for img in ds[i][0]
+            ]  # StopIteration: an image of another place
+            assert len(set(picks)) == 4, picks
+            drawn.update(picks)
+        assert len(drawn) > 4  # epochs draw different subsets of the place's >= 6 images
+
+
 def test_most_recent_choice_without_augmentation(ds_args, gsv_root):
     ds = D.GSVCitiesDataset(**ds_args, random_sample=False, augment=False)
     df = ds.dataframe

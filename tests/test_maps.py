@@ -42,8 +42,12 @@ def test_cities_map_one_circle_per_city_with_counts():
     assert "places: 3" in html and "images: 15" in html  # Paris
     assert "places: 1" in html and "images: 4" in html  # Oslo
     assert "59.91" in html and "10.75" in html
-    # Paris centre = mean of its place positions
-    assert f"{np.mean([48.85, 48.86, 48.87]):.2f}"[:5] in html
+    # Paris centre = mean of its place positions (not of its images, not the first place)
+    table = maps._city_table(_df()).set_index("city_id")
+    want = [np.mean([48.85, 48.86, 48.87]), np.mean([2.35, 2.36, 2.30])]
+    assert table.loc["PRS", ["lat", "lon"]].tolist() == pytest.approx(want)
+    drawn = re.findall(r"L\.circleMarker\(\s*\[([-\d.]+), ([-\d.]+)\]", html)
+    assert [float(x) for x in drawn[1]] == pytest.approx(want, abs=1e-6)
 
 
 def test_city_map_passes_places_as_one_js_array():
