@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The standard positive radius; list-format ground truth files are computed with it.
+STANDARD_THRESHOLD_M = 25.0
 DOWNLOADER_URL = "https://github.com/gmberton/VPR-datasets-downloader"
 MSLS_URL = "https://www.mapillary.com/dataset/places"
 VPR_BENCH_URL = "https://github.com/MubarizZaffar/VPR-Bench"
@@ -82,7 +84,7 @@ class Benchmark:
     query_utm: np.ndarray | None = field(default=None, repr=False)
     variant: str = ""
     root: str = ""
-    threshold_m: float = 25.0
+    threshold_m: float = STANDARD_THRESHOLD_M
     fmt: str = ""
 
     @property
@@ -112,7 +114,7 @@ class Benchmark:
 def load_benchmark(
     path_or_name: str | os.PathLike,
     root: str | os.PathLike | None = None,
-    threshold_m: float = 25.0,
+    threshold_m: float = STANDARD_THRESHOLD_M,
 ) -> Benchmark:
     """Load a benchmark from a folder, a `<name>_dbImages.npy` file or a standard set's name.
 
@@ -155,7 +157,7 @@ def load_benchmark(
 def _with_threshold(bench: Benchmark, threshold_m: float) -> Benchmark:
     """Honour a non-default `threshold_m` for a list-format set: its stored ground truth is for
     the standard 25 m, so recompute from the UTM in the image names, or refuse when there is none."""
-    if threshold_m == 25.0:
+    if threshold_m == STANDARD_THRESHOLD_M:
         return bench
     if bench.db_utm is None or bench.query_utm is None:
         raise ValueError(
@@ -282,7 +284,9 @@ def _coords(paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
     return rows[:, :2].copy(), (None if np.isnan(latlon).any() else latlon.copy())
 
 
-def load_folder_benchmark(folder: str | os.PathLike, threshold_m: float = 25.0) -> Benchmark:
+def load_folder_benchmark(
+    folder: str | os.PathLike, threshold_m: float = STANDARD_THRESHOLD_M
+) -> Benchmark:
     """Read `<folder>/database` and `<folder>/queries`; positives within `threshold_m` metres."""
     folder = Path(folder).expanduser().resolve()
     for sub in ("database", "queries"):

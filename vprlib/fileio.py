@@ -29,7 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _apply_umask(tmp, path)
+        _apply_mode(tmp, path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -98,7 +98,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         ) from e
 
 
-def _apply_umask(tmp: str | os.PathLike, target: Path) -> None:
+def _apply_mode(tmp: str | os.PathLike, target: Path) -> None:
     # mkstemp creates 0600 files; give the result the mode a plain open() would have: the
     # existing file's mode when overwriting, else 0666 less the umask.
     try:

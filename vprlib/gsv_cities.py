@@ -33,6 +33,7 @@ from .gsv_csv import (
     FLOAT_COLUMNS,
     INT_COLUMNS,
     PLACE_STRIDE,
+    VALUE_RANGES,
     read_city,
 )
 
@@ -74,10 +75,12 @@ def parse_gsv_filename(name: str | os.PathLike) -> dict:
         "lon": float(m["lon"]),
         "panoid": m["panoid"],
     }
-    if not 1 <= out["month"] <= 12:
-        raise ValueError(f"month {out['month']} out of 1..12 in GSV-Cities file name {base!r}")
-    if not (-90.0 <= out["lat"] <= 90.0 and -180.0 <= out["lon"] <= 180.0):
-        raise ValueError(f"lat/lon out of range in GSV-Cities file name {base!r}")
+    for col in ("month", "lat", "lon"):
+        low, high = VALUE_RANGES[col]
+        if not low <= out[col] <= high:
+            raise ValueError(
+                f"{col} {out[col]} out of {low}..{high} in GSV-Cities file name {base!r}"
+            )
     return out
 
 
@@ -265,15 +268,9 @@ def scan_gsv_images(
     for city_id in dict.fromkeys(chosen):
         names = sorted(n for n in os.listdir(images / city_id) if n.endswith((".jpg", ".JPG")))
         parts = pd.Series(names, dtype=object).str.extract(_WHOLE_NAME_RE)
-        month = pd.to_numeric(parts["month"])
-        lat, lon = pd.to_numeric(parts["lat"]), pd.to_numeric(parts["lon"])
-        bad = (
-            parts["city_id"].isna()
-            | (parts["city_id"] != city_id)
-            | ~month.between(1, 12)
-            | ~lat.between(-90.0, 90.0)
-            | ~lon.between(-180.0, 180.0)
-        )  # the checks of parse_gsv_filename, column-wise
+        bad = parts["city_id"].isna() | (parts["city_id"] != city_id)
+        for col in ("month", "lat", "lon"):  # the range checks of parse_gsv_filename
+            bad |= ~pd.to_numeric(parts[col]).between(*VALUE_RANGES[col])
         if bad.any():
             wrong = [names[i] for i in np.flatnonzero(bad.to_numpy())]
             raise ValueError(

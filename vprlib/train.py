@@ -39,7 +39,7 @@ import torch
 from . import distributed
 from .batching import device_batches, make_loader
 from .distributed import DistContext
-from .evaluate import default_num_workers
+from .evaluate import default_num_workers, preprocess_config
 from .fileio import atomic_torch_save, safe_torch_load
 from .losses import batch_accuracy, get_loss, get_miner
 from .progress import progress_bar
@@ -353,8 +353,6 @@ def fit(
         raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {max_steps_per_epoch}")
     benchmarks = _as_benchmarks(val)
     if benchmarks:  # a bad size would otherwise surface only after the first epoch
-        from .evaluate import preprocess_config
-
         preprocess_config(model, val_image_size)
     # torchrun (WORLD_SIZE > 1): join the process group, one device per rank (distributed.py).
     world_size, rank, local_rank = distributed.torchrun_ranks()
