@@ -8,6 +8,8 @@ import math
 import re
 import shutil
 import string
+import subprocess
+import sys
 import warnings
 from unittest import mock
 
@@ -94,13 +96,31 @@ def gsv_rows(max_northdeg: int):
     return st.lists(row, min_size=1, max_size=20)
 
 
+PATH_BUILDERS = {  # with pyarrow (the default) and without it (python_relative_paths)
+    "arrow": lambda df: gsv_csv.relative_paths(df).to_pylist(),
+    "python": gsv_csv.python_relative_paths,
+}
+
+
+@pytest.mark.parametrize("builder", list(PATH_BUILDERS))
 @pytest.mark.parametrize("max_northdeg", [999, 2000])  # one fixed-width int field, or not
 @settings(max_examples=60)
 @given(data=st.data())
-def test_relative_paths_equal_gsv_filename_per_row(max_northdeg, data):
+def test_relative_paths_equal_gsv_filename_per_row(builder, max_northdeg, data):
     rows = data.draw(gsv_rows(max_northdeg))
     want = [f"Images/{r['city_id']}/{G.gsv_filename(r)}" for r in rows]
-    assert gsv_csv.relative_paths(pd.DataFrame(rows)).to_pylist() == want
+    assert PATH_BUILDERS[builder](pd.DataFrame(rows)) == want
+
+
+def test_file_name_spells_the_dataset_names():
+    """Written out by hand from a real GSV-Cities file name (REFERENCE.md)."""
+    name = gsv_csv.file_name(
+        "London", 130, 2018, 4, 15, 51.4861, -0.0895151, "6jFjb3wGyCkcBfq4k559ag"
+    )
+    assert name == "London_0000130_2018_04_015_51.4861_-0.0895151_6jFjb3wGyCkcBfq4k559ag.jpg"
+    assert gsv_csv.file_name("X", 1, 7, 12, 1234, -0.0, 45.0, "p", ".JPG") == (
+        "X_0000001_0007_12_1234_-0.0_45.0_p.JPG"
+    )
 
 
 @pytest.mark.parametrize(
@@ -622,7 +642,8 @@ def test_short_csv_row_names_the_missing_text_column(tmp_path):
 
 def read_city_both_ways(path, order):
     """(fast-or-careful result, careful-only result) of gsv_csv.read_city; an exception is
-    returned as its type and message."""
+    returned as its type and message. Also checks that the careful reader gives the same
+    without pyarrow (paths spelled in Python)."""
 
     def attempt():
         try:
@@ -633,6 +654,12 @@ def read_city_both_ways(path, order):
     default = attempt()
     with mock.patch.object(gsv_csv, "_read_plain_csv", return_value=None):
         careful = attempt()
+    with mock.patch.object(gsv_csv, "HAVE_ARROW", False):
+        without_arrow = attempt()
+    if isinstance(careful, tuple):
+        assert without_arrow == careful
+    else:
+        pd.testing.assert_frame_equal(without_arrow, careful)
     return default, careful
 
 
@@ -692,6 +719,26 @@ def test_fast_and_careful_readers_agree(tmp_path, name):
         rows = careful.to_dict("records")
         assert careful["place"].tolist() == [2 * G.PLACE_STRIDE + r["place_id"] for r in rows]
         assert careful["path"].tolist() == [f"Images/TST/{G.gsv_filename(r)}" for r in rows]
+
+
+def test_reads_the_sample_without_pyarrow(gsv_root, tmp_path):
+    """vprlib must import and read GSV-Cities with pyarrow absent (DESIGN: torch, torchvision,
+    numpy, pandas, pillow, faiss and pytorch-metric-learning alone). A fresh interpreter
+    that cannot import pyarrow (nor can pandas) writes its table; it must equal ours."""
+    out = tmp_path / "table.csv"
+    code = (
+        "import sys; sys.modules['pyarrow'] = None\n"
+        "import vprlib\n"
+        "from vprlib import gsv_csv\n"
+        "assert not gsv_csv.HAVE_ARROW\n"
+        f"vprlib.read_gsv_dataframes({str(gsv_root)!r}).to_csv({str(out)!r}, index=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    want = G.read_gsv_dataframes(gsv_root)
+    got = pd.read_csv(out, dtype={"panoid": str, "city_id": str}, keep_default_na=False)
+    assert got["path"].tolist() == want["path"].tolist()
+    assert got["place"].tolist() == want["place"].tolist()
+    assert got.columns.tolist() == want.columns.tolist()
 
 
 def test_threads_give_the_same_table(gsv_root):

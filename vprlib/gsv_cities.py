@@ -9,7 +9,8 @@ On disk (see data/README.md)::
 `read_gsv_dataframes` reads the CSVs into one table with a `place` id unique across cities
 (city index * 10**5 + place_id, cities in sorted city_id order) and the image `path`
 relative to the root, as it exists on disk (.jpg or .JPG); the reading of each city CSV and
-the building of its paths (Arrow, one thread per CSV) live in `gsv_csv`.
+the building of its paths (Arrow when pyarrow is installed, one thread per CSV) live in
+`gsv_csv`.
 
 The training dataset built on these tables, `GSVCitiesDataset`, lives in `gsv_dataset`.
 """
@@ -34,6 +35,7 @@ from .gsv_csv import (
     INT_COLUMNS,
     PLACE_STRIDE,
     VALUE_RANGES,
+    file_name,
     read_city,
 )
 
@@ -111,10 +113,7 @@ def gsv_filename(row: Mapping, ext: str = ".jpg") -> str:
         raise ValueError(f"gsv_filename: city_id must be non-empty without '_' or '/': {city_id!r}")
     if not panoid or re.search(r"[/\\]", panoid):
         raise ValueError(f"gsv_filename: panoid must be non-empty without '/': {panoid!r}")
-    return (
-        f"{city_id}_{ints['place_id']:07d}_{ints['year']:04d}_{ints['month']:02d}_"
-        f"{ints['northdeg']:03d}_{lat!r}_{lon!r}_{panoid}{ext}"
-    )
+    return file_name(city_id, **ints, lat=lat, lon=lon, panoid=panoid, ext=ext)
 
 
 # ---------------------------------------------------------------- dataframes
@@ -218,8 +217,8 @@ def read_gsv_dataframes(
     (image path relative to root, .jpg or .JPG as found on disk). Rows whose image is
     missing raise FileNotFoundError, or are dropped with a warning when on_missing="drop".
     check_files=False skips the directory listing (paths then end in .jpg). `threads`: CSVs
-    read at once (None: one per CPU core); the parsing and path building run in Arrow
-    (`gsv_csv`), outside Python's GIL.
+    read at once (None: one per CPU core); with pyarrow installed the parsing and path
+    building run in Arrow (`gsv_csv`), outside Python's GIL.
     """
     if on_missing not in ("error", "drop"):
         raise ValueError(f"on_missing must be 'error' or 'drop', got {on_missing!r}")

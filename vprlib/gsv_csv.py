@@ -15,6 +15,10 @@ The path of a row, `Images/<city_id>/<city_id>_<place_id:07d>_<year:04d>_<month:
 row: the zero-padded ints are copied into one fixed-width byte buffer from lookup tables of
 their few distinct values, lat/lon use Arrow's float -> text cast (Python's shortest repr,
 fixed up where the notations differ), and one Arrow join glues the fields.
+
+pyarrow is optional: without it (a copy of vprlib in a project that lacks it) the careful
+reader reads every file and the paths are spelled row by row in Python (`file_name`): the
+same table, about 2x slower to read (tests/test_gsv_cities.py checks both).
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
+
+try:  # optional, see the module docstring: the fast reader and path builder need it
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+except ImportError:
+    pa = None
 
 COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
 INT_COLUMNS = ("place_id", "year", "month", "northdeg")
@@ -45,19 +53,43 @@ VALUE_RANGES = {
 }
 INT_WIDTHS = {"place_id": 7, "year": 4, "month": 2, "northdeg": 3}  # as the file names pad them
 
-# pandas' own str dtype backed by Arrow (what pandas >= 3 uses for text when pyarrow is there)
-ARROW_STR = pd.StringDtype("pyarrow", na_value=np.nan)
-_TO_PANDAS = {pa.string(): ARROW_STR, pa.large_string(): ARROW_STR}.get
+HAVE_ARROW = pa is not None
+if HAVE_ARROW:
+    # pandas' own str dtype backed by Arrow (what pandas >= 3 uses for text with pyarrow)
+    ARROW_STR = pd.StringDtype("pyarrow", na_value=np.nan)
+    _TO_PANDAS = {pa.string(): ARROW_STR, pa.large_string(): ARROW_STR}.get
+
+
+def file_name(
+    city_id: str,
+    place_id: int,
+    year: int,
+    month: int,
+    northdeg: int,
+    lat: float,
+    lon: float,
+    panoid: str,
+    ext: str = ".jpg",
+) -> str:
+    """The dataset's spelling of an image file name from valid values (lat/lon as Python's
+    shortest float repr): the one place the format is written out in Python."""
+    return (
+        f"{city_id}_{place_id:07d}_{year:04d}_{month:02d}_{northdeg:03d}_"
+        f"{lat!r}_{lon!r}_{panoid}{ext}"
+    )
 
 
 def read_city(path: Path, city_order: Mapping[str, int]) -> pd.DataFrame:
     """One city CSV, checked, with `place` (city_order[city_id] * PLACE_STRIDE + place_id)
     and `path`."""
-    table = _read_plain_csv(path)
+    table = _read_plain_csv(path) if HAVE_ARROW else None
     if table is None:  # an unusual file: pandas reads it, or raises an error naming the problem
         df = _read_city_csv(path)
         df["place"] = df["place_id"] + city_order[df["city_id"].iloc[0]] * PLACE_STRIDE
-        df["path"] = relative_paths(df).to_pandas(types_mapper=_TO_PANDAS)
+        if HAVE_ARROW:
+            df["path"] = relative_paths(df).to_pandas(types_mapper=_TO_PANDAS)
+        else:
+            df["path"] = pd.Series(python_relative_paths(df), index=df.index, dtype="str")
         return df
     city_index = city_order[table["city_id"][0].as_py()]
     place = pc.add(table["place_id"], city_index * PLACE_STRIDE)
@@ -119,13 +151,14 @@ def _read_plain_csv(path: Path) -> pa.Table | None:
     return table
 
 
-# What the fast reader asks Arrow for: int columns as floats (see _read_plain_csv).
-_READ_TYPES = {
-    **dict.fromkeys(INT_COLUMNS, pa.float64()),
-    **dict.fromkeys(FLOAT_COLUMNS, pa.float64()),
-    **dict.fromkeys(TEXT_COLUMNS, pa.string()),
-}
-_PLAIN_TYPES = (pa.int64(), pa.float64(), pa.string())
+if HAVE_ARROW:
+    # What the fast reader asks Arrow for: int columns as floats (see _read_plain_csv).
+    _READ_TYPES = {
+        **dict.fromkeys(INT_COLUMNS, pa.float64()),
+        **dict.fromkeys(FLOAT_COLUMNS, pa.float64()),
+        **dict.fromkeys(TEXT_COLUMNS, pa.string()),
+    }
+    _PLAIN_TYPES = (pa.int64(), pa.float64(), pa.string())
 
 
 def _hex_number_cell(data: bytes, names: list[str]) -> bool:
@@ -213,6 +246,16 @@ def _read_city_csv(path: Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- image paths
+
+
+def python_relative_paths(df: pd.DataFrame) -> list[str]:
+    """`relative_paths` row by row in Python, for a machine without pyarrow: the same
+    strings, ~1 us per row."""
+    columns = (df[c].tolist() for c in COLUMNS)
+    return [
+        f"Images/{city}/{file_name(city, place, year, month, deg, lat, lon, panoid)}"
+        for place, year, month, deg, city, lat, lon, panoid in zip(*columns, strict=True)
+    ]
 
 
 def relative_paths(columns) -> pa.Array:
