@@ -1,10 +1,13 @@
 """load_benchmark: folder and list formats, exact radius ground truth, named sets, errors."""
 
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vprlib import benchmarks
 from vprlib.benchmarks import (
     EXPECTED_SIZES,
     load_benchmark,
@@ -136,12 +139,50 @@ def test_list_format(tmp_path):
     assert same.db_paths == bench.db_paths
     # an explicit image root
     other = tmp_path / "elsewhere"
-    (other / "toy/db").mkdir(parents=True)
-    (other / "toy/q").mkdir(parents=True)
-    (other / "toy/db/000.jpg").touch()
-    (other / "toy/q/000.jpg").touch()
+    shutil.copytree(tmp_path / "toy", other / "toy")
     moved = load_benchmark(npy / "toy_dbImages.npy", root=other)
     assert moved.db_paths[0] == str(other.resolve() / "toy/db/000.jpg")
+
+
+def test_list_format_names_missing_images_at_load_time(tmp_path):
+    """A missing image is reported when the set is loaded, not after the database has been
+    extracted; the error names the list file and the images."""
+    npy = write_list_benchmark(tmp_path, "toy", n_db=6, n_q=4)
+    (tmp_path / "toy/q/002.jpg").unlink()
+    (tmp_path / "toy/q/003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"2 of the 4 query images listed in .*toy_qImages"):
+        load_benchmark(npy / "toy_dbImages.npy")
+    assert benchmarks.missing_files(
+        [
+            str(tmp_path / "toy/q/002.jpg"),
+            str(tmp_path / "toy/db/001.jpg"),
+            str(tmp_path / "nowhere/x.jpg"),
+        ]
+    ) == [str(tmp_path / "toy/q/002.jpg"), str(tmp_path / "nowhere/x.jpg")]
+
+
+def test_named_list_sets_each_in_their_own_image_folder(tmp_path):
+    """Nordland's and SPED's lists both hold ref/... and query/... paths: by name each set
+    reads its images from its own folder (Nordland/, SPEDTEST/) under the benchmarks root."""
+    for name, folder in (("Nordland", "Nordland"), ("SPED", "SPEDTEST")):
+        npy = tmp_path / "datasets_npy"
+        npy.mkdir(exist_ok=True)
+        db, q = [f"ref/{i:05d}.jpg" for i in range(3)], [f"query/{i:05d}.jpg" for i in range(2)]
+        for rel in db + q:
+            (tmp_path / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / rel).write_bytes(name.encode())
+        gt = np.empty(2, dtype=object)
+        gt[:] = [np.array([0]), np.array([1, 2])]
+        np.save(npy / f"{name}_dbImages.npy", np.array(db))
+        np.save(npy / f"{name}_qImages.npy", np.array(q))
+        np.save(npy / f"{name}_gt.npy", gt, allow_pickle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sizes differ from the published ones
+        nordland = load_benchmark("nordland", root=tmp_path)
+        sped = load_benchmark("sped", root=tmp_path)
+    assert nordland.db_paths[0] == str(tmp_path / "Nordland/ref/00000.jpg")
+    assert sped.db_paths[0] == str(tmp_path / "SPEDTEST/ref/00000.jpg")
+    assert Path(sped.query_paths[1]).read_bytes() == b"SPED"
 
 
 def test_list_format_wrong_root_and_missing_files(tmp_path):

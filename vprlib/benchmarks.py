@@ -56,6 +56,20 @@ FOLDER_LAYOUTS: dict[str, tuple[str, ...]] = {
     "gsv_sample": ("gsv_sample",),
 }
 
+# Where the images of a named list-format set live under the benchmarks root: the folders the
+# GSV-Cities / MixVPR evaluation code keeps them in (their stored paths, e.g. Nordland's and
+# SPED's `ref/...`, are relative to these, so the sets cannot share one folder). The root
+# itself is tried last.
+LIST_IMAGE_FOLDERS: dict[str, tuple[str, ...]] = {
+    "pitts30k_val": ("Pittsburgh",),
+    "pitts30k_test": ("Pittsburgh",),
+    "pitts250k_test": ("Pittsburgh",),
+    "msls_val": ("msls_val",),
+    "nordland": ("Nordland",),
+    "sped": ("SPEDTEST",),
+    "tokyo247": ("Tokyo247",),
+}
+
 HOW_TO_GET: dict[str, str] = {
     "pitts30k_val": f"Pittsburgh images are given by their authors on request; format them with {DOWNLOADER_URL}",
     "pitts30k_test": f"Pittsburgh images are given by their authors on request; format them with {DOWNLOADER_URL}",
@@ -124,7 +138,11 @@ def load_benchmark(
       exists: list format; `root` is the folder the stored image paths are relative to
       (default: the parent of the npy folder);
     - otherwise a name (e.g. "pitts30k_test", "msls_val", "gsv_sample") looked up under the
-      benchmarks root (`root`, else `$VPR_BENCHMARKS_ROOT`, else `$VPRLIB_DATA/benchmarks`).
+      benchmarks root (`root`, else `$VPR_BENCHMARKS_ROOT`, else `$VPRLIB_DATA/benchmarks`):
+      lists in `datasets_npy/` with their images in the set's folder of the reference code
+      (`Pittsburgh/`, `msls_val/`, `Nordland/`, `SPEDTEST/`; `LIST_IMAGE_FOLDERS`) or in the
+      root itself, else the folder layouts of `FOLDER_LAYOUTS`.
+    Every image a list names must exist (checked at load time, one folder listing each).
     """
     if threshold_m <= 0:
         raise ValueError(f"threshold_m must be > 0 metres, got {threshold_m}")
@@ -139,9 +157,16 @@ def load_benchmark(
     if p.parent.is_dir() and (db_file := _find_npy(p.parent, p.name, "dbImages")) is not None:
         return _with_threshold(load_list_benchmark(db_file, root=root), threshold_m)
     if looks_like_path and p.is_dir():
+        below = [
+            str(d.parent)
+            for pattern in ("*/database", "*/*/database")
+            for d in sorted(p.glob(pattern))
+            if (d.parent / "queries").is_dir()
+        ]
+        hint = f"; benchmark folders below it: {below[:5]}" if below else ""
         raise FileNotFoundError(
             f"{p} is a folder but holds neither database/ + queries/ (folder format) nor "
-            "<name>_dbImages.npy (list format)"
+            f"<name>_dbImages.npy (list format){hint}"
         )
     if looks_like_path:
         raise FileNotFoundError(
@@ -194,9 +219,9 @@ def _load_named(name: str, root: str | os.PathLike | None, threshold_m: float) -
         db_file = _find_npy(folder, name, "dbImages")
         looked.append(str(folder / f"{name}_dbImages.npy"))
         if db_file is not None:
-            bench = _with_threshold(load_list_benchmark(db_file, root=base), threshold_m)
-            bench.name = key
-            return bench
+            image_roots = [base / f for f in LIST_IMAGE_FOLDERS.get(key, ())] + [base]
+            bench = _read_list_benchmark(db_file, image_roots, key)
+            return _with_threshold(bench, threshold_m)
     for rel in FOLDER_LAYOUTS.get(key, (name,)):
         folder = base / rel
         looked.append(f"{folder}/{{database,queries}}/")
@@ -235,9 +260,10 @@ def _find_npy(folder: Path, name: str, kind: str) -> Path | None:
     if not folder.is_dir():
         return None
     want = f"{name}_{kind}.npy".lower()
-    for entry in os.scandir(folder):
-        if entry.name.lower() == want and entry.is_file():
-            return Path(entry.path)
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.lower() == want and entry.is_file():
+                return Path(entry.path)
     return None
 
 
@@ -305,6 +331,11 @@ def load_folder_benchmark(
     variant = f"folder format, positives within {threshold_m:g} m (UTM)"
     if name == "nordland":
         variant += " (downloader's Nordland: +-10 frames, not the VPR-Bench +-1 split)"
+    if name == "msls_val" and len(q_paths) != EXPECTED_SIZES["msls_val"][1]:
+        variant = (
+            f"MSLS-val all {len(q_paths)} queries (folder format, positives within "
+            f"{threshold_m:g} m): NOT the official 740-query protocol, scores are lower"
+        )
     bench = Benchmark(
         name=name,
         db_paths=db_paths,
@@ -402,13 +433,19 @@ def load_list_benchmark(
     code.
     """
     db_file = Path(db_file).expanduser().resolve()
+    image_root = Path(root).expanduser().resolve() if root is not None else db_file.parent.parent
+    return _read_list_benchmark(db_file, [image_root], name)
+
+
+def _read_list_benchmark(db_file: Path, image_roots: list[Path], name: str | None) -> Benchmark:
+    """`load_list_benchmark` with candidate image roots: the first that holds the first
+    database image is used; every listed image must exist under it."""
     suffix = "_dbImages.npy"
     if not db_file.name.lower().endswith(suffix.lower()):
         raise ValueError(f"list-format benchmark path must end with {suffix}, got {db_file.name}")
     stem = db_file.name[: -len(suffix)]
     folder = db_file.parent
     name = name or stem.lower()
-    image_root = Path(root).expanduser().resolve() if root is not None else folder.parent
     q_file = _find_npy(folder, stem, "qImages")
     gt_file = _find_npy(folder, stem, "gt")
     qidx_file = _find_npy(folder, stem, "qIdx")
@@ -440,13 +477,21 @@ def load_list_benchmark(
                 f"benchmark {name!r}: {gt_file} has {len(gt)} entries but {q_file} has "
                 f"{len(q_rel)} queries; they must match one to one"
             )
+    image_root = next((r for r in image_roots if db_rel and (r / db_rel[0]).exists()), None)
+    if image_root is None:
+        tried = ", ".join(str(r) for r in image_roots)
+        raise FileNotFoundError(
+            f"first database image {db_rel[:1]} (from {db_file}) is under none of: {tried}; "
+            "the image root must be the folder the stored paths are relative to (`root`)"
+        )
     db_paths = [str(image_root / p) for p in db_rel]
     q_paths = [str(image_root / p) for p in q_rel]
     for kind, paths, src in (("database", db_paths, db_file), ("query", q_paths, q_file)):
-        if paths and not os.path.exists(paths[0]):
+        missing = missing_files(paths)
+        if missing:
             raise FileNotFoundError(
-                f"first {kind} image {paths[0]} (from {src}) does not exist: `root` must be the "
-                f"folder the stored paths are relative to (got {image_root})"
+                f"{len(missing)} of the {len(paths)} {kind} images listed in {src} are missing "
+                f"under {image_root}, e.g. {missing[:3]}"
             )
     db_utm, db_latlon = _maybe_coords(db_paths)
     q_utm, q_latlon = _maybe_coords(q_paths)
@@ -473,6 +518,8 @@ def load_list_benchmark(
 _NPY_GLOBALS = {
     ("_codecs", "encode"),
     ("numpy", "ndarray"),
+    ("builtins", "bytes"),  # the data of an empty array in a protocol-2 pickle
+    ("__builtin__", "bytes"),
     ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -555,6 +602,20 @@ def _msls_official(
         )
     variant = f"MSLS official: {len(qidx)} queries from {qidx_file.name}, positives from {src.name}"
     return gt, [q_rel[i] for i in qidx], variant
+
+
+def missing_files(paths: list[str]) -> list[str]:
+    """The paths that do not exist, found by listing each folder once (a stat per image
+    is slow on network file systems)."""
+    names_by_folder: dict[str, list[str]] = {}
+    for path in paths:
+        folder, name = os.path.split(path)
+        names_by_folder.setdefault(folder, []).append(name)
+    missing = []
+    for folder, names in names_by_folder.items():
+        present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        missing += [os.path.join(folder, n) for n in names if n not in present]
+    return missing
 
 
 def _maybe_coords(paths: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
