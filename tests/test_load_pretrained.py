@@ -2,6 +2,7 @@
 architecture inference, strict-loading errors, weights-only refusal, and the download cache
 (local HTTP server on 127.0.0.1: complete, partial and tampered downloads)."""
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -10,6 +11,7 @@ import os
 import pickle
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -82,7 +84,9 @@ def test_released_plain_and_lightning_match_functional_computation(released):
     x = torch.randn(2, 3, 64, 64)
     expected = reference_descriptors(tv, state, x)
     for path, interpolation in ((plain, "bicubic"), (lightning, "bilinear")):
-        model = load_pretrained(path)
+        renamed = path == lightning  # the released architecture under another name: warned
+        with pytest.warns(UserWarning, match="bicubic") if renamed else contextlib.nullcontext():
+            model = load_pretrained(path)
         assert not model.training
         assert model.descriptor_dim == 4096
         assert model.config["backbone"] == "resnet50" and model.config["layers_to_crop"] == []
@@ -204,6 +208,41 @@ def test_save_keeps_settings_that_have_no_weights(tmp_path, agg, cfg):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_save_keeps_preprocess_and_arguments_override_it(tmp_path):
+    """A model trained at 64x96 must not be evaluated at 320x320 after a save/load."""
+    model = VPRModel("resnet18", layers_to_crop=[3, 4], agg="gem")
+    model.preprocess = {"image_size": (64, 96), "interpolation": "bicubic", "mean": (0.5,) * 3}
+    model.save(tmp_path / "m.pt")
+    assert load_pretrained(tmp_path / "m.pt").preprocess == model.preprocess
+    override = load_pretrained(tmp_path / "m.pt", image_size=32)
+    assert override.preprocess == {**model.preprocess, "image_size": (32, 32)}
+    model.save(tmp_path / "plain.pt", released_layout=True)  # a plain state dict cannot tell
+    assert load_pretrained(tmp_path / "plain.pt").preprocess["image_size"] == (320, 320)
+
+
+def test_released_4096_under_another_name_warns_about_bicubic(released, tmp_path):
+    _, _, plain, _ = released
+    renamed = tmp_path / "resnet50_ConvAP_1024_2x2 (1).ckpt"
+    shutil.copy(plain, renamed)
+    with pytest.warns(UserWarning, match=r"interpolation='bicubic'"):
+        model = load_pretrained(renamed)
+    assert model.preprocess["interpolation"] == "bilinear"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_pretrained(renamed, interpolation="bicubic").preprocess["interpolation"] == (
+            "bicubic"
+        )
+        load_pretrained(plain)  # the released name: bicubic, no warning
+
+
+def test_unrecognised_layout_error_names_the_file(tmp_path, resnet18_file):
+    state = torch.load(resnet18_file, weights_only=True)
+    path = tmp_path / "odd_layout.ckpt"
+    torch.save({k.replace("backbone.model.", "backbone."): v for k, v in state.items()}, path)
+    with pytest.raises(ValueError, match=r"odd_layout\.ckpt: not a vprlib/GSV-Cities checkpoint"):
+        load_pretrained(path)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "model.", "module._orig_mod."])

@@ -5,6 +5,7 @@ images per batch, a step or two per epoch. The slow test trains a small model fr
 on the sample and checks that recall on the sample benchmark rises.
 """
 
+import copy
 import math
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def test_place_sampler_every_place_once_seeded_by_epoch():
 
 def test_history_checkpoints_and_lr(dataset, bench, tmp_path):
     model = tiny_model()
+    model.preprocess = {"image_size": (48, 40), "interpolation": "bicubic"}
     # 2 steps per epoch, warm-up 3 clipped to 2: epoch 0 ends at full lr; x0.5 from epoch 1.
     hist = fit(
         model,
@@ -134,9 +136,18 @@ def test_history_checkpoints_and_lr(dataset, bench, tmp_path):
     r1 = hist["gsv_sample_R@1"].tolist()
     assert best["epoch"] == r1.index(max(r1))
 
-    # load_pretrained reads fit's checkpoint (architecture from model_config) strictly.
+    # load_pretrained reads fit's checkpoint (architecture from model_config) strictly, and
+    # the model's preprocessing with it.
     loaded = vprlib.load_pretrained(tmp_path / "last.ckpt")
     assert loaded.config == model.config and not loaded.training
+    # validation ran at SIZE: the checkpoint says so, so best.ckpt reproduces history's recall
+    assert loaded.preprocess == {**model.preprocess, "image_size": (SIZE, SIZE)}
+    assert loaded.preprocess["interpolation"] == "bicubic"
+    best_model = vprlib.load_pretrained(tmp_path / "best.ckpt")
+    again = vprlib.evaluate(best_model, bench, progress=False, num_workers=0)
+    assert again.recalls[1] == pytest.approx(hist["gsv_sample_R@1"][best["epoch"]])
+    # history.csv is written with every checkpoint (not only when the run ends)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "history.csv"), hist, check_dtype=False)
     assert max_weight_diff(loaded, model) == 0
 
 
@@ -183,8 +194,18 @@ def test_resume_errors_and_auto(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"lr: checkpoint 0\.05, now 0\.01"):
         fit(tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, lr=0.01, **FIT)
     other = vprlib.VPRModel("resnet18", layers_to_freeze=-1, layers_to_crop=(3, 4), agg="gem")
-    with pytest.raises(ValueError, match="model_config"):
+    with pytest.raises(ValueError, match=r"model_config\['agg'\]: checkpoint 'convap', now 'gem'"):
         fit(other, dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
+    # the dataset's settings and gather_for_mining shape the batches and the loss too
+    smaller = copy.copy(dataset)
+    smaller.image_size = (SIZE // 2, SIZE // 2)
+    with pytest.raises(ValueError, match=r"dataset: checkpoint .*'image_size': \[32, 32\]"):
+        fit(tiny_model(), smaller, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
+    with pytest.raises(ValueError, match="gather_for_mining: checkpoint False, now True"):
+        fit(
+            tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True,
+            gather_for_mining=True, **FIT,
+        )  # fmt: skip
 
 
 def test_resume_may_add_validation(dataset, bench, tmp_path):
@@ -214,6 +235,10 @@ def test_bad_arguments(dataset, bench):
         ({"resume": "yes"}, "resume"),
         ({"epochs": 0}, "epochs"),
         ({"max_steps_per_epoch": 0}, "max_steps_per_epoch must be >= 1"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+        ({"warmup_steps": -5}, "warmup_steps must be >= 0"),
+        ({"gamma": -1.0}, "gamma must be > 0"),
+        ({"milestones": (5, -1)}, "milestones must be epoch numbers >= 0"),
         ({"val": bench, "val_image_size": (0, 0)}, r"image_size .* positive"),  # before epoch 1
     ]:
         with pytest.raises(ValueError, match=match):

@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchvision
@@ -231,15 +232,19 @@ class VPRModel(nn.Module):
     def save(self, path: str | os.PathLike, released_layout: bool = False) -> None:
         """Write the weights (CPU tensors, released key layout) atomically to `path`.
 
-        By default as {"state_dict": ..., "model_config": self.config}, so `load_pretrained`
-        rebuilds exactly this model (settings without weights, such as Conv-AP's pool size
-        or GeM's eps, cannot be read back from a plain state dict). released_layout=True
-        writes the plain state dict, like the published files, for code that calls
-        `model.load_state_dict(torch.load(path))`."""
+        By default as {"state_dict", "model_config": self.config, "preprocess": self.preprocess},
+        so `load_pretrained` rebuilds exactly this model and feeds it images as now (settings
+        without weights, such as Conv-AP's pool size, GeM's eps or the image size, cannot be
+        read back from a plain state dict). released_layout=True writes the plain state dict,
+        like the published files, for code that calls `model.load_state_dict(torch.load(path))`."""
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        atomic_torch_save(
-            state if released_layout else {"state_dict": state, "model_config": self.config}, path
-        )
+        if not released_layout:
+            state = {
+                "state_dict": state,
+                "model_config": self.config,
+                "preprocess": self.preprocess,
+            }
+        atomic_torch_save(state, path)
 
 
 def make_preprocess(
@@ -288,7 +293,7 @@ def imagenet_state_dict(name: str, pretrained: bool | str | os.PathLike) -> dict
                 "or pretrained=False"
             ) from e
     if isinstance(pretrained, (str, os.PathLike)):
-        return read_checkpoint(pretrained)[0]
+        return read_checkpoint(pretrained).state_dict
     raise ValueError(f"pretrained must be True, False or a file path, got {pretrained!r}")
 
 
@@ -304,10 +309,21 @@ def _load_strict_torchvision(model: nn.Module, state: dict, name: str) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state_dict, model_config or None) from a checkpoint file, loaded with weights_only.
+class Checkpoint(NamedTuple):
+    """What `read_checkpoint` finds in a file; model_config and preprocess are None in a
+    plain state dict (the released files)."""
 
-    Accepts a plain state dict or a dict with "state_dict" (and optionally "model_config").
+    state_dict: dict[str, torch.Tensor]
+    model_config: dict | None
+    preprocess: dict | None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The weights (and model_config, preprocess when saved) of a checkpoint file, loaded
+    with weights_only.
+
+    Accepts a plain state dict or a dict with "state_dict" (and optionally "model_config" and
+    "preprocess", as `VPRModel.save` and `fit` write them).
     A file that would unpickle anything but tensors and plain containers is refused.
     A single wrapper prefix carried by every key ("module." from DataParallel, "_orig_mod."
     from torch.compile, "model.") is removed when what remains is backbone./aggregator.
@@ -315,9 +331,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """
     path = Path(path)
     obj = safe_torch_load(path)
-    model_config = None
+    model_config = preprocess = None
     if isinstance(obj, dict) and "state_dict" in obj:
         state, model_config = obj["state_dict"], obj.get("model_config")
+        preprocess = obj.get("preprocess")
     else:
         state = obj
     if not isinstance(state, dict) or not all(
@@ -328,7 +345,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"{path}: expected a state dict (str -> tensor) or a dict with 'state_dict'; "
             f"found {found}"
         )
-    return _strip_wrapper_prefix(state), model_config
+    return Checkpoint(_strip_wrapper_prefix(state), model_config, preprocess)
 
 
 def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -476,19 +493,29 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
     Weights load strictly; mismatches raise listing key names.
     kw: model overrides (backbone, layers_to_freeze, layers_to_crop, agg, agg_config merged
     into the inferred one, e.g. agg_config={"s1": 3, "s2": 3}), preprocess overrides
-    (image_size, interpolation, mean, std; default 320x320, bilinear, except bicubic for
-    resnet50_ConvAP_1024_2x2), download options (url: fetch with urllib from there instead of
-    Google Drive; progress).
+    (image_size, interpolation, mean, std; default: what the file saved (`VPRModel.save`,
+    `fit`), else 320x320 bilinear, bicubic for resnet50_ConvAP_1024_2x2), download options
+    (url: fetch with urllib from there instead of Google Drive; progress).
     """
     valid = PRETRAINED_OPTIONS + MODEL_OPTIONS + PREPROCESS_OPTIONS
     unknown = sorted(set(kw) - set(valid))
     if unknown:
         raise TypeError(f"load_pretrained got unknown option(s) {unknown}; valid: {list(valid)}")
     path = _resolve_checkpoint(name_or_path, kw.get("url"), kw.get("progress", True))
-    state, config = read_checkpoint(path)
-    image_size = kw.get("image_size", DEFAULT_IMAGE_SIZE)
+    state, config, saved_preprocess = read_checkpoint(path)
+    preprocess = dict(saved_preprocess or {})
+    if not preprocess:
+        preprocess["interpolation"] = "bicubic" if path.stem in BICUBIC_RELEASED else "bilinear"
+    preprocess.update({k: kw[k] for k in PREPROCESS_OPTIONS if k in kw})
+    image_size = preprocess.get("image_size", DEFAULT_IMAGE_SIZE)
     image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    config = dict(config) if config is not None else infer_config(state, image_size)
+    if config is None:
+        try:
+            config = infer_config(state, image_size)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        _warn_if_renamed_bicubic(path, config, kw)
+    config = dict(config)
     for key in MODEL_OPTIONS:
         if key == "agg_config" and key in kw:
             config["agg_config"] = {**config.get("agg_config", {}), **(kw["agg_config"] or {})}
@@ -498,11 +525,27 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
     model = VPRModel(**config)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
-    interpolation = "bicubic" if path.stem in BICUBIC_RELEASED else "bilinear"
-    preprocess = {"image_size": image_size, "interpolation": interpolation}
-    preprocess.update({k: kw[k] for k in PREPROCESS_OPTIONS if k in kw})
     model.preprocess = preprocess
     return model.eval()
+
+
+def _warn_if_renamed_bicubic(path: Path, config: dict, kw: dict) -> None:
+    """The released 4096-d model was trained with bicubic resizing, which only its file name
+    tells: warn when a plain state dict of that architecture has another name and no
+    interpolation is given (bilinear costs it recall)."""
+    released_arch = (
+        config["backbone"] == "resnet50"
+        and config["agg"] == "convap"
+        and config["agg_config"].get("out_channels") == 1024
+        and not config["layers_to_crop"]
+    )
+    if released_arch and path.stem not in BICUBIC_RELEASED and "interpolation" not in kw:
+        warnings.warn(
+            f"{path} holds a plain ResNet50 + Conv-AP 4096-d state dict under another name than "
+            f"{sorted(BICUBIC_RELEASED)}: evaluating with bilinear resizing; if it is the released "
+            "model, pass interpolation='bicubic' (it was trained with it)",
+            stacklevel=3,
+        )
 
 
 def _resolve_checkpoint(name_or_path: str | os.PathLike, url: str | None, progress: bool) -> Path:

@@ -40,7 +40,7 @@ from . import distributed
 from .batching import device_batches, make_loader
 from .distributed import DistContext
 from .evaluate import default_num_workers, preprocess_config
-from .fileio import atomic_torch_save, safe_torch_load
+from .fileio import atomic_torch_save, atomic_write_text, safe_torch_load
 from .losses import batch_accuracy, get_loss, get_miner
 from .progress import progress_bar
 
@@ -63,6 +63,18 @@ RESUME_MUST_MATCH = (
     "seed",
     "max_steps_per_epoch",
     "num_places",
+    "gather_for_mining",
+    "dataset",
+)
+# Dataset settings recorded in fit_args["dataset"] (those the dataset has), for the check above.
+DATASET_SETTINGS = (
+    "image_size",
+    "img_per_place",
+    "min_img_per_place",
+    "random_sample",
+    "augment",
+    "interpolation",
+    "seed",
 )
 
 
@@ -229,8 +241,16 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
         for k in RESUME_MUST_MATCH
         if saved.get(k) != fit_args[k]
     ]
-    if ckpt.get("model_config") != model_config:
-        diffs.append(f"model_config: checkpoint {ckpt.get('model_config')!r}, now {model_config!r}")
+    saved_config = ckpt.get("model_config")
+    if saved_config != model_config:
+        if isinstance(saved_config, dict) and isinstance(model_config, dict):
+            diffs += [
+                f"model_config[{k!r}]: checkpoint {saved_config.get(k)!r}, now {model_config.get(k)!r}"
+                for k in sorted(set(saved_config) | set(model_config))
+                if saved_config.get(k) != model_config.get(k)
+            ]
+        else:
+            diffs.append(f"model_config: checkpoint {saved_config!r}, now {model_config!r}")
     if diffs:
         raise ValueError(
             f"cannot resume from {path}: arguments differ from the checkpointed run:\n  "
@@ -246,6 +266,12 @@ def _as_benchmarks(val) -> list:
     from .benchmarks import load_benchmark
 
     return [load_benchmark(v) if isinstance(v, (str, os.PathLike)) else v for v in items]
+
+
+def _dataset_settings(dataset) -> dict:
+    """The settings of `dataset` that shape its batches (`DATASET_SETTINGS`, those it has)."""
+    settings = {k: getattr(dataset, k) for k in DATASET_SETTINGS if hasattr(dataset, k)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def _plain(value: Any) -> Any:
@@ -267,7 +293,7 @@ def fit(
     optimizer: str = "sgd",
     momentum: float = 0.9,
     weight_decay: float = 1e-3,
-    warmup_steps: int = 300,
+    warmup_steps: int = 650,
     milestones: Sequence[int] = (5, 10, 15, 25),
     gamma: float = 0.3,
     loss: str | torch.nn.Module = "MultiSimilarityLoss",
@@ -295,7 +321,7 @@ def fit(
       momentum (SGD only), weight_decay. Under torchrun P is the GLOBAL batch, split evenly
       over the processes (see "Several GPUs" below).
     - warmup_steps: linear warm-up from ~0 to lr. The paper used ~500-650 steps on the full
-      data (about one epoch); here the warm-up is clipped to one epoch, so short runs on small
+      data (about one epoch; 650 here); the warm-up is clipped to one epoch, so short runs on small
       data reach the full lr after their first epoch (and the schedule does not depend on
       `epochs`, which keeps resuming with a larger `epochs` exact).
     - milestones, gamma: lr x gamma at each milestone epoch (0-based), as MultiStepLR.
@@ -311,8 +337,9 @@ def fit(
     - val: a Benchmark, a name/path for `load_benchmark`, or a list of them; after each epoch
       each gets R@1/5/10 columns named `<benchmark>_R@k`. val_image_size: evaluation resize
       (None: the model's `preprocess`, as `evaluate` does).
-    - checkpoint_dir: writes `last.ckpt` each epoch and `best.ckpt` when the first benchmark's
-      R@1 improves. resume: True continues from `last.ckpt` (error if it is missing),
+    - checkpoint_dir: writes `last.ckpt` and `history.csv` each epoch and `best.ckpt` when the
+      first benchmark's R@1 improves. Checkpoints hold the model's `preprocess` with the
+      validation image size, so `load_pretrained(best.ckpt)` evaluates as validation did. resume: True continues from `last.ckpt` (error if it is missing),
       "auto" continues if it exists and starts fresh otherwise (handy on Colab).
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
       on (seed, e). Initialising the model before calling fit is the caller's business.
@@ -351,6 +378,16 @@ def fit(
         raise ValueError("resume needs checkpoint_dir (where last.ckpt is)")
     if max_steps_per_epoch is not None and max_steps_per_epoch < 1:
         raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {max_steps_per_epoch}")
+    if log_every < 1:
+        raise ValueError(
+            f"log_every must be >= 1 (steps between progress updates), got {log_every}"
+        )
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0 (the lr factor at each milestone), got {gamma}")
+    if any(int(m) != m or m < 0 for m in milestones):
+        raise ValueError(f"milestones must be epoch numbers >= 0, got {list(milestones)}")
     benchmarks = _as_benchmarks(val)
     if benchmarks:  # a bad size would otherwise surface only after the first epoch
         preprocess_config(model, val_image_size)
@@ -390,6 +427,7 @@ def fit(
             "num_places": len(train_dataset),
             "world_size": ctx.world_size,
             "gather_for_mining": gather_for_mining,
+            "dataset": _dataset_settings(train_dataset),
         }
         seed_everything(seed + ctx.rank)
         if hasattr(train_dataset, "for_device"):  # decode="auto": nvJPEG + GPU RandAugment on CUDA
@@ -424,6 +462,10 @@ def fit(
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         model_config = getattr(model, "config", None)
+        # what validation feeds the model, saved with the weights for load_pretrained
+        saved_preprocess = (
+            preprocess_config(model, val_image_size) if hasattr(model, "preprocess") else None
+        )
 
         # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
         start_epoch, global_step, history = 0, 0, []
@@ -543,6 +585,7 @@ def fit(
                 state = {
                     "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "model_config": model_config,
+                    "preprocess": saved_preprocess,
                     "epoch": epoch,
                     "global_step": global_step,
                     "optimizer": opt.state_dict(),
@@ -555,6 +598,9 @@ def fit(
                     "fit_args": fit_args,
                 }
                 save_checkpoint(ckpt_dir / "last.ckpt", state)
+                atomic_write_text(
+                    ckpt_dir / "history.csv", pd.DataFrame(history).to_csv(index=False)
+                )
                 if key_metric is not None and row[key_metric] > best:
                     best = row[key_metric]
                     save_checkpoint(ckpt_dir / "best.ckpt", state)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import distributed
-from .fileio import atomic_write_text
 from .train import OPTIMIZERS, PRECISIONS, fit, seed_everything
 
 
@@ -55,9 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $GSV_CITIES_ROOT, else $VPRLIB_DATA)",
     )
     d.add_argument("--cities", nargs="+", default=None, help="city names (default: all)")
-    d.add_argument("--image-size", nargs=2, type=int, default=[320, 320], metavar=("H", "W"))
-    d.add_argument("--img-per-place", type=int, default=4)
-    d.add_argument("--min-img-per-place", type=int, default=4)
+    d.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        default=[320, 320],
+        metavar=("H", "W"),
+        help="training resize",
+    )
+    d.add_argument("--img-per-place", type=int, default=4, help="K images per place in a batch")
+    d.add_argument(
+        "--min-img-per-place", type=int, default=4, help="places with fewer are left out"
+    )
     d.add_argument(
         "--decode",
         choices=("auto", "cpu", "gpu", "mixed"),
@@ -65,14 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where JPEGs are decoded and augmented (auto: mixed on CUDA, else cpu)",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", default="resnet50")
+    m.add_argument("--backbone", default="resnet50", help="a torchvision ResNet name")
     m.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="ImageNet weights for the backbone (downloaded by torchvision)",
     )
-    m.add_argument("--layers-to-freeze", type=int, default=2)
+    m.add_argument(
+        "--layers-to-freeze",
+        type=int,
+        default=2,
+        help="conv1+bn1 and layer1..N get no gradient (-1: train everything)",
+    )
     m.add_argument(
         "--layers-to-crop",
         nargs="*",
@@ -81,26 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="ResNet layers to drop (the paper's training default drops layer4; "
         "give the flag with no value to keep all)",
     )
-    m.add_argument("--agg", default="convap")
+    m.add_argument("--agg", default="convap", help="convap, gem, cosplace, mixvpr, netvlad or avg")
     m.add_argument("--agg-config", type=json.loads, default=None, help="JSON dict")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--places-per-batch", type=int, default=100)
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--epochs", type=int, default=30, help="the paper: 30")
+    t.add_argument("--places-per-batch", type=int, default=100, help="P places per (global) batch")
+    t.add_argument("--lr", type=float, default=0.05, help="base lr (the paper: 0.03; 0.05 later)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=1e-3)
-    t.add_argument("--warmup-steps", type=int, default=300)
-    t.add_argument("--milestones", nargs="*", type=int, default=[5, 10, 15, 25])
-    t.add_argument("--gamma", type=float, default=0.3)
-    t.add_argument("--loss", default="MultiSimilarityLoss")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD only")
+    t.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty")
+    t.add_argument(
+        "--warmup-steps", type=int, default=650, help="linear warm-up (clipped to one epoch)"
+    )
+    t.add_argument(
+        "--milestones", nargs="*", type=int, default=[5, 10, 15, 25], help="epochs where lr x gamma"
+    )
+    t.add_argument("--gamma", type=float, default=0.3, help="lr factor at each milestone")
+    t.add_argument("--loss", default="MultiSimilarityLoss", help="a pytorch-metric-learning loss")
     t.add_argument(
         "--miner",
         type=_miner_arg,
         default="MultiSimilarityMiner",
         help="a pytorch-metric-learning miner name, or 'none' for the loss on all pairs",
     )
-    t.add_argument("--precision", choices=PRECISIONS, default="auto")
+    t.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     t.add_argument(
         "--compile",
         choices=("auto", "on", "off"),
@@ -120,10 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="batches prepared ahead on a side stream (default: 1 on CUDA, else 0)",
     )
     t.add_argument("--log-every", type=int, default=10, help="progress-bar refresh, in steps")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None)
-    t.add_argument("--num-workers", type=int, default=None)
-    t.add_argument("--max-steps-per-epoch", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0, help="place order and augmentation")
+    t.add_argument("--device", default=None, help="default: CUDA when available")
+    t.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (default: cores - 2, <= 12)",
+    )
+    t.add_argument(
+        "--max-steps-per-epoch", type=int, default=None, help="cut epochs short (smoke runs)"
+    )
     t.add_argument(
         "--gather-for-mining",
         action="store_true",
@@ -215,11 +241,8 @@ def main(argv: Sequence[str] | None = None):
         log_every=args.log_every,
         gather_for_mining=args.gather_for_mining,
     )
-    if distributed.is_main_process():  # under torchrun only rank 0 prints and writes
+    if distributed.is_main_process():  # under torchrun only rank 0 prints (fit wrote history.csv)
         print(history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        if args.checkpoint_dir is not None:
-            path = Path(args.checkpoint_dir) / "history.csv"
-            atomic_write_text(path, history.to_csv(index=False))
     return history
 
 
