@@ -191,6 +191,7 @@ def main(argv=None) -> dict:
                 num_workers=args.num_workers,
                 progress=False,
                 gpu_decode=mode == "gpu",
+                precision="auto",  # bf16 on CUDA, as model_only times it
             )
             seconds = time.perf_counter() - t
             rows.append({"mode": mode, "img_s": len(paths) / seconds, "seconds": seconds})

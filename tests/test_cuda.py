@@ -153,15 +153,24 @@ def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
     paths = bench.db_paths[:24]
     kw = dict(batch_size=8, progress=False, image_size=SIZE, num_workers=2)
     on_cpu = extract_descriptors(model, paths, device="cpu", **kw)
-    on_gpu = extract_descriptors(model, paths, device="cuda", gpu_decode=gpu_decode, **kw)
+    on_gpu = extract_descriptors(
+        model, paths, device="cuda", gpu_decode=gpu_decode, precision="bf16", **kw
+    )
     assert on_gpu.dtype == np.float32 and on_gpu.shape == on_cpu.shape
     cosine = (on_cpu * on_gpu).sum(1) / (
         np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(on_gpu, axis=1)
     )
     assert cosine.min() > 0.99, cosine.min()  # bf16 autocast on the GPU, fp32 on the CPU
     if gpu_decode is None:  # the default decodes the .jpg files with nvJPEG on CUDA
-        nvjpeg = extract_descriptors(model, paths, device="cuda", gpu_decode=True, **kw)
+        nvjpeg = extract_descriptors(
+            model, paths, device="cuda", gpu_decode=True, precision="bf16", **kw
+        )
         assert np.array_equal(on_gpu, nvjpeg)
+        fp32 = extract_descriptors(model, paths, device="cuda", gpu_decode=True, **kw)
+        cos32 = (on_cpu * fp32).sum(1) / (
+            np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(fp32, axis=1)
+        )
+        assert cos32.min() > 0.999, cos32.min()  # the default fp32 is closer than bf16
 
 
 @pytest.mark.parametrize("priority", [0, -1])

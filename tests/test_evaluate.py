@@ -1,5 +1,6 @@
 """Extraction, search, recall@K, EvalResults and the search benchmark script."""
 
+import dataclasses
 import subprocess
 import sys
 import warnings
@@ -18,6 +19,7 @@ from vprlib.evaluate import (
     evaluate_descriptors,
     extract_descriptors,
     recall_at_k,
+    resolve_eval_precision,
     search,
 )
 from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -338,6 +340,24 @@ def test_evaluate_by_name(bench_root):
     )
     n, e = len(res.query_paths), res.num_without_positives
     assert skip.recalls[3] == pytest.approx(res.recalls[3] * n / (n - e))
+    assert res.precision == "fp32"  # the CPU runs fp32 whatever is asked
+    auto = vprlib.evaluate(
+        model, "gsv_sample", root=bench_root, ks=(1, 3), num_workers=0, progress=False,
+        precision="auto",
+    )  # fmt: skip
+    assert auto.precision == "fp32" and auto.recalls == res.recalls
+    with pytest.raises(ValueError, match="precision must be one of"):
+        vprlib.evaluate(model, "gsv_sample", root=bench_root, precision="half", progress=False)
+
+
+def test_reduced_precision_is_named_in_the_table_and_kept_by_save(resnet_results, tmp_path):
+    """Rows scored from bf16 descriptors must not look like fp32 ones (paper tables)."""
+    _, res = resnet_results
+    half = dataclasses.replace(res, precision="bf16")
+    assert half.table()["protocol"][0] == res.table()["protocol"][0] + "; bf16 descriptors"
+    half.save(tmp_path / "r.npz")
+    assert EvalResults.load(tmp_path / "r.npz").precision == "bf16"
+    assert resolve_eval_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def test_results_save_load_round_trip(resnet_results, tmp_path):
