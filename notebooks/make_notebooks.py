@@ -46,7 +46,7 @@ def header(filename: str, title: str, intro: str) -> list:
             subprocess.run(["git", "clone", "--depth", "1",
                             "https://github.com/{REPO}", "/content/vprlib"], check=True)
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e",
-                            "/content/vprlib[notebooks]"], check=True)
+                            "/content/vprlib[colab]"], check=True)  # not jupyterlab
         os.chdir("/content/vprlib/notebooks")
         sys.path.insert(0, "/content/vprlib")
     """
@@ -286,15 +286,17 @@ USE_DRIVE = False  # Colab: keep checkpoints on Google Drive and resume after a 
 
 if FULL_RUN:
     BACKBONE, PRETRAINED, LAYERS_TO_CROP = "resnet50", True, []  # released 4096-d layout
+    LAYERS_TO_FREEZE = 2  # conv1..layer2 keep their ImageNet weights
     AGG_CONFIG = {"out_channels": 1024, "s1": 2, "s2": 2}  # 2048 -> 1024 channels, 2x2
     IMAGE_SIZE = (320, 320)
     PLACES_PER_BATCH, IMG_PER_PLACE = 100, 4
     EPOCHS, MAX_STEPS_PER_EPOCH = 30, None
-    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS = "sgd", 0.05, 1e-3, 500
+    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS = "sgd", 0.05, 1e-3, 650
     AUGMENT = True  # RandAugment(num_ops=3), as the paper
     VAL = "pitts30k_val"  # any benchmark under BENCH_ROOT
 else:
     BACKBONE, PRETRAINED, LAYERS_TO_CROP = "resnet18", False, [4]  # small and offline
+    LAYERS_TO_FREEZE = -1  # from scratch: train every layer (random weights are not worth freezing)
     AGG_CONFIG = {"out_channels": 128, "s1": 2, "s2": 2}  # 512-d descriptors
     IMAGE_SIZE = (64, 64)
     PLACES_PER_BATCH, IMG_PER_PLACE = 16, 4
@@ -360,8 +362,8 @@ RESUME = False
         code(
             """
             model = vprlib.VPRModel(
-                backbone=BACKBONE, pretrained=PRETRAINED, layers_to_crop=LAYERS_TO_CROP,
-                agg="convap", agg_config=AGG_CONFIG,
+                backbone=BACKBONE, pretrained=PRETRAINED, layers_to_freeze=LAYERS_TO_FREEZE,
+                layers_to_crop=LAYERS_TO_CROP, agg="convap", agg_config=AGG_CONFIG,
             )
             model.preprocess = {"image_size": IMAGE_SIZE}  # evaluation resizes like training
             n_params = sum(p.numel() for p in model.parameters())
@@ -412,6 +414,8 @@ RESUME = False
         ),
         md(
             """
+            `epoch` counts from 0, as `milestones` do (the progress bars and the plot count
+            from 1); the recall columns are fractions in [0, 1] (the tables below show percent).
             The loss falls and recall rises even in the tiny run. b_acc stays near 0 at first:
             with random weights nearly every image still forms hard pairs; it climbs as the
             model learns (over epochs of the full run).
@@ -422,15 +426,17 @@ RESUME = False
             ## Checkpoint
 
             `last.ckpt` holds the weights in the released key layout plus the model config, the
-            optimizer, scheduler and RNG states (so `resume=True` continues exactly).
-            `load_pretrained` reads it back, as notebook 03 does.
+            preprocessing validation used (image size), the optimizer, scheduler and RNG
+            states (so `resume=True` continues exactly). `load_pretrained` reads it back, as
+            notebook 03 does, and evaluates at the size it was validated at.
             """
         ),
         code(
             """
             for f in sorted(CHECKPOINT_DIR.glob("*.ckpt")):
                 print(f"{f}  {f.stat().st_size / 1e6:.1f} MB")
-            reloaded = vprlib.load_pretrained(CHECKPOINT_DIR / "last.ckpt", image_size=IMAGE_SIZE)
+            reloaded = vprlib.load_pretrained(CHECKPOINT_DIR / "last.ckpt")
+            print("preprocess:", reloaded.preprocess)
             """
         ),
         md("## Untrained vs trained"),
@@ -486,8 +492,9 @@ def nb03() -> list:
 
             CI runs offline: by default it loads the checkpoint notebook 02 trained (tiny, so
             its recall says nothing about the paper). With network access set
-            `WEIGHTS = "resnet50_ConvAP_1024_2x2"` (and `IMAGE_SIZE = (320, 320)`) and point
-            `VPRLIB_DATA` at real benchmarks (Pitts30k, MSLS-val, Nordland, ...).
+            `WEIGHTS = "resnet50_ConvAP_1024_2x2"` (or `VPRLIB_WEIGHTS`) and point `VPRLIB_DATA`
+            at real benchmarks (Pitts30k, MSLS-val, Nordland, ...). The image size comes with
+            the weights (320x320 for the released ones; a vprlib checkpoint records its own).
             """,
         ),
         code(
@@ -497,7 +504,7 @@ def nb03() -> list:
 WEIGHTS = os.environ.get(
     "VPRLIB_WEIGHTS", "../checkpoints/02_convap/last.ckpt"
 )  # written by notebook 02 (run it first), or a released name such as "resnet50_ConvAP_1024_2x2"
-IMAGE_SIZE = (64, 64)  # (320, 320) for the released weights; must match how WEIGHTS was trained
+IMAGE_SIZE = None  # None: as WEIGHTS says (its checkpoint, else 320x320); or (H, W)
 PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
 """
         ),
@@ -536,7 +543,8 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
         ),
         code(
             """
-            model = vprlib.load_pretrained(WEIGHTS, image_size=IMAGE_SIZE)
+            size = {} if IMAGE_SIZE is None else {"image_size": IMAGE_SIZE}
+            model = vprlib.load_pretrained(WEIGHTS, **size)
             print(f"{WEIGHTS}: {model.config['backbone']} + {model.config['agg']}, "
                   f"{model.descriptor_dim}-d, preprocess {model.preprocess['image_size']}")
             """
@@ -580,9 +588,9 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
         md(
             """
             `paper` is empty (NaN) for sets the paper did not report, such as the committed
-            `gsv_sample`. With the released weights and the real benchmarks, expect to land
-            within a few tenths of a point of the paper (resize and JPEG decoding differ
-            slightly between libraries).
+            `gsv_sample`. With the released weights and the real benchmarks the numbers should
+            come close to the paper's (resize and JPEG decoding differ slightly between
+            libraries); this project has not yet checked it (README, "Results").
             """
         ),
         code(
@@ -619,7 +627,7 @@ BENCHMARK = "gsv_sample"  # e.g. "pitts30k_test", "msls_val" on the full data
 WEIGHTS = os.environ.get(
     "VPRLIB_WEIGHTS", "../checkpoints/02_convap/last.ckpt"
 )  # written by notebook 02 (run it first), or a released name such as "resnet50_ConvAP_1024_2x2"
-IMAGE_SIZE = (64, 64)  # (320, 320) for the released weights
+IMAGE_SIZE = None  # None: as WEIGHTS says (its checkpoint, else 320x320); or (H, W)
 K = 5  # matches shown per query
 """
         ),
@@ -632,7 +640,8 @@ K = 5  # matches shown per query
             from vprlib.evaluate import evaluate_descriptors
 
             FIGURES.mkdir(parents=True, exist_ok=True)
-            model = vprlib.load_pretrained(WEIGHTS, image_size=IMAGE_SIZE)
+            size = {} if IMAGE_SIZE is None else {"image_size": IMAGE_SIZE}
+            model = vprlib.load_pretrained(WEIGHTS, **size)
             bench = vprlib.load_benchmark(BENCHMARK, root=BENCH_ROOT)
             bench
             """
@@ -667,7 +676,8 @@ K = 5  # matches shown per query
             ## Per-query results
 
             `evaluate_descriptors` keeps, for every query, its top-K database indices, the
-            descriptor distances and which of them are true positives (within 25 m).
+            descriptor distances (squared L2: 0 = identical, 4 = opposite unit vectors) and
+            which of them are true positives (within 25 m).
             """
         ),
         code(
@@ -682,7 +692,7 @@ K = 5  # matches shown per query
 
             Query slider, K slider and an "only failures" toggle (queries whose top-1 is
             wrong). Each query (blue frame) is shown beside its top-K, green when the match
-            is within 25 m, red otherwise, with the descriptor distance; below, the same on a
+            is within 25 m, red otherwise, with the squared L2 descriptor distance; below, the same on a
             map.
             """
         ),
@@ -708,14 +718,17 @@ K = 5  # matches shown per query
             For each query whose top-1 is wrong: how far (in metres, from the UTM coordinates)
             the wrongly retrieved place is, and at which rank the first true match appears.
             Near misses (tens of metres) are often the neighbouring place on the same street;
-            far ones are look-alikes elsewhere.
+            far ones are look-alikes elsewhere. A query with no database image within 25 m
+            (`num_positives` 0; the sample has 2) always fails, and its `first_correct_rank`
+            is NaN.
             """
         ),
         code(
             """
             failures = results.failures(k=1)
             print(f"{len(failures)} of {len(results.query_paths)} queries fail at top-1")
-            failures[["query", "top1", "top1_distance", "top1_metres", "first_correct_rank"]].head(10)
+            failures[["query", "top1", "top1_distance", "top1_metres", "num_positives",
+                      "first_correct_rank"]].head(10)
             """
         ),
         code(
@@ -763,20 +776,30 @@ def nb05() -> list:
             + """
 FULL_RUN = False
 
-AGGREGATORS = {  # name -> agg_config (backbone channels come from the backbone)
-    "convap": {"out_channels": 128, "s1": 2, "s2": 2},
-    "gem": {},
-    "mixvpr": {"out_channels": 128, "out_rows": 4, "mix_depth": 2},
-    "netvlad": {"clusters": 16},
-    "avg": {},
-}
-if FULL_RUN:
+if FULL_RUN:  # ResNet50 without layer4 (1024 channels), the literature's settings
     BACKBONE, PRETRAINED, LAYERS_TO_CROP, IMAGE_SIZE = "resnet50", True, [4], (320, 320)
+    LAYERS_TO_FREEZE = 2
+    AGGREGATORS = {  # name -> agg_config (backbone channels come from the backbone)
+        "convap": {"out_channels": 1024, "s1": 2, "s2": 2},  # 4096-d
+        "gem": {},  # 1024-d
+        "mixvpr": {"out_channels": 1024, "out_rows": 4, "mix_depth": 4},  # 4096-d
+        "netvlad": {"clusters": 64, "reduce_dim": 256},  # 16384-d
+        "avg": {},  # 1024-d
+    }
+    # 10 epochs each, a third of the paper's 30: five runs of ~8 min on one H200
     PLACES_PER_BATCH, IMG_PER_PLACE, EPOCHS, MAX_STEPS_PER_EPOCH = 100, 4, 10, None
-    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS, AUGMENT = "sgd", 0.05, 1e-3, 500, True
+    OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS, AUGMENT = "sgd", 0.05, 1e-3, 650, True
     VAL = "pitts30k_val"
-else:
+else:  # tiny, from scratch (every layer trains)
     BACKBONE, PRETRAINED, LAYERS_TO_CROP, IMAGE_SIZE = "resnet18", False, [4], (64, 64)
+    LAYERS_TO_FREEZE = -1
+    AGGREGATORS = {
+        "convap": {"out_channels": 128, "s1": 2, "s2": 2},
+        "gem": {},
+        "mixvpr": {"out_channels": 128, "out_rows": 4, "mix_depth": 2},
+        "netvlad": {"clusters": 16},
+        "avg": {},
+    }
     PLACES_PER_BATCH, IMG_PER_PLACE, EPOCHS, MAX_STEPS_PER_EPOCH = 16, 4, 3, None
     OPTIMIZER, LR, WEIGHT_DECAY, WARMUP_STEPS, AUGMENT = "adamw", 1e-3, 0.0, 4, False
     VAL = "gsv_sample"
@@ -819,8 +842,8 @@ else:
                     config["in_h"], config["in_w"] = feature_map_size(*IMAGE_SIZE, LAYERS_TO_CROP)
                 torch.manual_seed(0)
                 model = vprlib.VPRModel(
-                    backbone=BACKBONE, pretrained=PRETRAINED, layers_to_crop=LAYERS_TO_CROP,
-                    agg=agg, agg_config=config,
+                    backbone=BACKBONE, pretrained=PRETRAINED, layers_to_freeze=LAYERS_TO_FREEZE,
+                    layers_to_crop=LAYERS_TO_CROP, agg=agg, agg_config=config,
                 )
                 model.preprocess = {"image_size": IMAGE_SIZE}
                 start = time.perf_counter()

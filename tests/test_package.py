@@ -1,5 +1,6 @@
 """`import vprlib` needs only the core dependencies and exposes the public API of DESIGN.md."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,3 +57,22 @@ def test_public_api_names():
     ]:
         assert callable(getattr(vprlib, name)), name
     assert set(vprlib.__all__) <= set(dir(vprlib))
+
+
+def test_colab_installs_the_notebook_libraries_without_jupyterlab(repo_root):
+    """Colab runs its own Jupyter: the notebooks' install cell must not bring jupyterlab (and
+    its jupyter-server) in, yet must install every notebook-only library vprlib imports."""
+    import json
+
+    import tomllib
+
+    extras = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    colab = {re.split(r"[<>=\[]", d)[0] for d in extras["colab"]}
+    assert "jupyterlab" not in colab
+    assert {"folium", "ipywidgets", "matplotlib", "gdown", "tqdm"} <= colab
+    assert "vprlib[colab]" in extras["notebooks"]
+    for nb in sorted((repo_root / "notebooks").glob("*.ipynb")):
+        setup = "".join(json.loads(nb.read_text())["cells"][1]["source"])
+        assert "/content/vprlib[colab]" in setup, nb.name

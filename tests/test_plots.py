@@ -220,6 +220,20 @@ def test_plot_compare_bars_and_time_panel():
     _has_text(fig)
     assert plots.plot_compare(df, title="T")._suptitle.get_text() == "T"
     assert len(plots.plot_compare(df.drop(columns=["train_s"])).axes) == 1
+
+
+def test_plot_compare_legend_hides_no_bar_or_label():
+    """Bars up to 100 % with their value labels: the legend sits above all of them."""
+    df = pd.DataFrame(
+        {"aggregator": list("abcde"), "R@1": [100.0] * 5, "R@5": [100.0] * 5, "R@10": [100.0] * 5}
+    )
+    fig = plots.plot_compare(df)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    for artist in [*ax.patches, *ax.texts]:
+        assert not legend.overlaps(artist.get_window_extent(renderer)), artist
     with pytest.raises(KeyError, match="R@10"):
         plots.plot_compare(df.drop(columns=["R@10"]))
 

@@ -248,7 +248,7 @@ def plot_retrieval(
     _retrieval_row(axes[0], query_path, topk_paths, correct, distances)
     axes[0, 0].set_xlabel("query image", fontsize=8)
     axes[0, 1].set_xlabel(
-        "retrieved, nearest first (d = descriptor distance)", fontsize=8, loc="left"
+        "retrieved, nearest first (d = squared L2 descriptor distance)", fontsize=8, loc="left"
     )
     fig.suptitle(title or f"Top-{k} retrieval: green = positive, red = wrong place")
     fig.tight_layout()
@@ -277,7 +277,7 @@ def plot_retrieval_grid(results, query_indices: Sequence[int], k: int = 5):
         )
     fig.suptitle(
         f"{results.benchmark}: queries (blue) and their top-{k}, green = positive (within the "
-        "distance threshold), red = wrong; d = descriptor distance"
+        "distance threshold), red = wrong; d = squared L2 descriptor distance"
     )
     fig.tight_layout()
     return fig
@@ -442,11 +442,12 @@ def plot_compare(
         bars = ax.bar(x + (i - (len(recall_cols) - 1) / 2) * width, values, width, label=col)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, names)
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)  # headroom above 100 % for the legend: it never hides a bar
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title("Recall by aggregator")
     ax.set_xlabel("aggregator")
     ax.set_ylabel("recall (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(recall_cols), frameon=False)
     if extra:
         ax = axes[0, 1]
         r1 = results_df[recall_cols[0]].to_numpy(dtype=float)
