@@ -228,6 +228,25 @@ def test_msls_all_queries_variant_is_labelled(tmp_path):
     assert "NOT the official 740" in bench.variant
 
 
+def test_msls_folder_with_all_queries_is_labelled_not_official(tmp_path):
+    """The downloader's msls/val holds every val query: not the 740-query protocol."""
+    folder = tmp_path / "msls" / "val"
+    make_folder_benchmark(folder, [(0, 0), (100, 0)], [(1, 0), (99, 0), (50, 0)])
+    with pytest.warns(UserWarning, match="740"):
+        bench = load_benchmark("msls_val", root=tmp_path)
+    assert bench.fmt == "folder" and bench.name == "msls_val"
+    assert (
+        "NOT the official 740-query protocol" in bench.variant and "all 3 queries" in bench.variant
+    )
+
+
+def test_a_folder_above_benchmark_folders_names_them(tmp_path):
+    """Passing the downloader's dataset folder instead of its images/test folder."""
+    make_folder_benchmark(tmp_path / "pitts30k" / "images" / "test", [(0, 0)], [(1, 0)])
+    with pytest.raises(FileNotFoundError, match=r"benchmark folders below it: .*images/test"):
+        load_benchmark(tmp_path / "pitts30k" / "images")
+
+
 def test_sample_formats_agree(bench_root):
     by_list = load_benchmark(bench_root / "datasets_npy" / "gsv_sample_dbImages.npy")
     by_folder = load_benchmark(bench_root / "gsv_sample")

@@ -553,6 +553,19 @@ def test_benchmark_lists_of_arrays_numbers_and_strings_still_load(tmp_path):
             warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 warns about numpy.core
             again = load_benchmark(db_file)
         assert [g.tolist() for g in again.ground_truth] == [[0, 2], [1, 2]], protocol
+    # a query without positives: protocol 2 pickles an empty array's data as builtins bytes
+    with_empty = object_array([np.array([0, 2]), np.array([], dtype=np.int64)])
+    old_style = pickle.dumps(with_empty, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+    assert b"bytes" in old_style
+    with open(db_file.with_name("toy_gt.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|O", "fortran_order": False, "shape": (2,)}
+        )
+        f.write(old_style)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        again = load_benchmark(db_file)
+    assert [g.tolist() for g in again.ground_truth] == [[0, 2], []]
 
 
 # ---------------------------------------------------------------------------- resume
