@@ -718,9 +718,9 @@ K = 5  # matches shown per query
             For each query whose top-1 is wrong: how far (in metres, from the UTM coordinates)
             the wrongly retrieved place is, and at which rank the first true match appears.
             Near misses (tens of metres) are often the neighbouring place on the same street;
-            far ones are look-alikes elsewhere. A query with no database image within 25 m
-            (`num_positives` 0; the sample has 2) always fails, and its `first_correct_rank`
-            is NaN.
+            far ones are look-alikes elsewhere. `first_correct_rank` is NaN when no true match
+            is among the 25 retrieved; always so for a query with no database image within
+            25 m (`num_positives` 0; the sample has 2), which can never succeed.
             """
         ),
         code(
