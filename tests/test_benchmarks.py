@@ -185,6 +185,30 @@ def test_named_list_sets_each_in_their_own_image_folder(tmp_path):
     assert Path(sped.query_paths[1]).read_bytes() == b"SPED"
 
 
+def test_named_list_set_paths_are_absolute_and_folders_match_any_case(tmp_path, monkeypatch):
+    """A relative root still gives absolute image paths (a later chdir must not break them);
+    the set's folder is found whatever its case (pittsburgh/ for Pittsburgh/)."""
+    npy = tmp_path / "bench" / "datasets_npy"
+    npy.mkdir(parents=True)
+    for rel in ("database/000.jpg", "queries/000.jpg"):
+        (tmp_path / "bench" / "pittsburgh" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "bench" / "pittsburgh" / rel).touch()
+    gt = np.empty(1, dtype=object)
+    gt[:] = [np.array([0])]
+    np.save(npy / "pitts30k_test_dbImages.npy", np.array(["database/000.jpg"]))
+    np.save(npy / "pitts30k_test_qImages.npy", np.array(["queries/000.jpg"]))
+    np.save(npy / "pitts30k_test_gt.npy", gt, allow_pickle=True)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not the published size
+        bench = load_benchmark("pitts30k_test", root="bench")
+    assert Path(bench.db_paths[0]).is_absolute()
+    assert bench.db_paths[0] == str(tmp_path / "bench/pittsburgh/database/000.jpg")
+    # images named without a folder, in the working directory
+    (tmp_path / "a.jpg").touch()
+    assert benchmarks.missing_files(["a.jpg", "b.jpg"]) == ["b.jpg"]
+
+
 def test_list_format_wrong_root_and_missing_files(tmp_path):
     npy = write_list_benchmark(tmp_path, "toy")
     with pytest.raises(FileNotFoundError, match="root"):

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import vprlib
+from vprlib import train as train_mod
 from vprlib.batching import PlaceSampler
 from vprlib.train import fit, lr_factor
 
@@ -206,6 +208,50 @@ def test_resume_errors_and_auto(dataset, tmp_path):
             tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True,
             gather_for_mining=True, **FIT,
         )  # fmt: skip
+
+
+def test_resume_of_a_checkpoint_that_predates_recorded_settings(dataset, tmp_path):
+    """A last.ckpt written before fit_args recorded the dataset still resumes."""
+    fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, **FIT)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    del ckpt["fit_args"]["dataset"]
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    hist = fit(tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
+    assert hist["epoch"].tolist() == [0, 1]
+
+
+def test_dataset_settings_keep_checkpoints_loadable():
+    """Only plain values are recorded: a transform or numpy value must not make the
+    checkpoint refuse to load with weights_only."""
+
+    class Custom(torch.utils.data.Dataset):
+        augment = torch.nn.Identity()
+        seed = np.int64(3)
+        image_size = np.array([32, 32])
+        img_per_place = 4
+        interpolation = "bilinear"
+
+    settings = train_mod._dataset_settings(Custom())
+    assert settings == {"img_per_place": 4, "interpolation": "bilinear", "seed": 3}
+    assert type(settings["seed"]) is int
+
+
+def test_a_model_with_a_preprocess_method_trains(dataset, tmp_path):
+    """Only a VPRModel's preprocess dict is saved; a user model's own method is left alone."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def preprocess(self, x):
+            return x
+
+    fit(Wrapped(), dataset, epochs=1, checkpoint_dir=tmp_path, **FIT)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["preprocess"] is None
 
 
 def test_resume_may_add_validation(dataset, bench, tmp_path):

@@ -212,14 +212,15 @@ def benchmarks_root(root: str | os.PathLike | None = None) -> Path:
 
 def _load_named(name: str, root: str | os.PathLike | None, threshold_m: float) -> Benchmark:
     """Find a named set under the benchmarks root, list format first, then folder layouts."""
-    base = benchmarks_root(root)
+    base = benchmarks_root(root).resolve()
     key = name.lower()
     looked = []
     for folder in (base / "datasets_npy", base / "datasets_npy" / name, base):
         db_file = _find_npy(folder, name, "dbImages")
         looked.append(str(folder / f"{name}_dbImages.npy"))
         if db_file is not None:
-            image_roots = [base / f for f in LIST_IMAGE_FOLDERS.get(key, ())] + [base]
+            folders = (_child_folder(base, f) for f in LIST_IMAGE_FOLDERS.get(key, ()))
+            image_roots = [f for f in folders if f is not None] + [base]
             bench = _read_list_benchmark(db_file, image_roots, key)
             return _with_threshold(bench, threshold_m)
     for rel in FOLDER_LAYOUTS.get(key, (name,)):
@@ -250,6 +251,19 @@ def _named_variant_hint(key: str) -> str:
         "sped": "SPED is one-to-one: 607 db / 607 queries",
     }
     return hints.get(key, "positives = database images within the distance threshold (25 m)")
+
+
+def _child_folder(base: Path, name: str) -> Path | None:
+    """`base/name` matched case-insensitively (Pittsburgh/ or pittsburgh/), or None."""
+    if (base / name).is_dir():
+        return base / name
+    if not base.is_dir():
+        return None
+    with os.scandir(base) as entries:
+        for entry in entries:
+            if entry.name.lower() == name.lower() and entry.is_dir():
+                return Path(entry.path)
+    return None
 
 
 def _find_npy(folder: Path, name: str, kind: str) -> Path | None:
@@ -613,8 +627,12 @@ def missing_files(paths: list[str]) -> list[str]:
         names_by_folder.setdefault(folder, []).append(name)
     missing = []
     for folder, names in names_by_folder.items():
-        present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        missing += [os.path.join(folder, n) for n in names if n not in present]
+        listed = folder or "."  # a bare file name lives in the working directory
+        present = set(os.listdir(listed)) if os.path.isdir(listed) else set()
+        for name in names:  # a stat only for names the listing lacks (case-insensitive disks)
+            path = os.path.join(folder, name)
+            if name not in present and not os.path.exists(path):
+                missing.append(path)
     return missing
 
 

@@ -236,10 +236,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path) -> None:
     """Raise naming every argument that differs from the checkpoint's run."""
     saved = ckpt.get("fit_args", {})
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {fit_args[k]!r}"
+    diffs = [  # keys a checkpoint of an older vprlib lacks (e.g. "dataset") are not compared
+        f"{k}: checkpoint {saved[k]!r}, now {fit_args[k]!r}"
         for k in RESUME_MUST_MATCH
-        if saved.get(k) != fit_args[k]
+        if k in saved and saved[k] != fit_args[k]
     ]
     saved_config = ckpt.get("model_config")
     if saved_config != model_config:
@@ -269,9 +269,18 @@ def _as_benchmarks(val) -> list:
 
 
 def _dataset_settings(dataset) -> dict:
-    """The settings of `dataset` that shape its batches (`DATASET_SETTINGS`, those it has)."""
-    settings = {k: getattr(dataset, k) for k in DATASET_SETTINGS if hasattr(dataset, k)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+    """The settings of `dataset` that shape its batches (`DATASET_SETTINGS`): those it has as
+    plain values (numbers, text, lists of them), so the checkpoint stays weights_only-loadable."""
+    settings = {}
+    for key in DATASET_SETTINGS:
+        value = _plain(getattr(dataset, key, None))
+        if isinstance(value, (tuple, list)):
+            value = [_plain(v) for v in value]
+            if all(isinstance(v, (bool, int, float, str)) for v in value):
+                settings[key] = value
+        elif isinstance(value, (bool, int, float, str)):
+            settings[key] = value
+    return settings
 
 
 def _plain(value: Any) -> Any:
@@ -463,9 +472,8 @@ def fit(
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         model_config = getattr(model, "config", None)
         # what validation feeds the model, saved with the weights for load_pretrained
-        saved_preprocess = (
-            preprocess_config(model, val_image_size) if hasattr(model, "preprocess") else None
-        )
+        has_preprocess = isinstance(getattr(model, "preprocess", None), dict)  # a VPRModel
+        saved_preprocess = preprocess_config(model, val_image_size) if has_preprocess else None
 
         # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
         start_epoch, global_step, history = 0, 0, []

@@ -140,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--log-every", type=int, default=10, help="progress-bar refresh, in steps")
     t.add_argument("--seed", type=int, default=0, help="place order and augmentation")
-    t.add_argument("--device", default=None, help="default: CUDA when available")
+    t.add_argument("--device", default=None, help="None: CUDA when available")
     t.add_argument(
         "--num-workers",
         type=int,
         default=None,
-        help="DataLoader workers (default: cores - 2, <= 12)",
+        help="DataLoader workers (None: cores - 2, at most 12)",
     )
     t.add_argument(
         "--max-steps-per-epoch", type=int, default=None, help="cut epochs short (smoke runs)"
