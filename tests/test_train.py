@@ -201,7 +201,9 @@ def test_resume_errors_and_auto(dataset, tmp_path):
     # the dataset's settings and gather_for_mining shape the batches and the loss too
     smaller = copy.copy(dataset)
     smaller.image_size = (SIZE // 2, SIZE // 2)
-    with pytest.raises(ValueError, match=r"dataset: checkpoint .*'image_size': \[32, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"dataset image_size: checkpoint \[32, 32\], now \[16, 16\]"
+    ):
         fit(tiny_model(), smaller, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
     with pytest.raises(ValueError, match="gather_for_mining: checkpoint False, now True"):
         fit(

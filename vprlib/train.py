@@ -239,7 +239,14 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
     diffs = [  # keys a checkpoint of an older vprlib lacks (e.g. "dataset") are not compared
         f"{k}: checkpoint {saved[k]!r}, now {fit_args[k]!r}"
         for k in RESUME_MUST_MATCH
-        if k in saved and saved[k] != fit_args[k]
+        if k in saved and k != "dataset" and saved[k] != fit_args[k]
+    ]
+    # dataset settings: those both runs show (a wrapper dataset may hide some)
+    was, now = saved.get("dataset") or {}, fit_args["dataset"]
+    diffs += [
+        f"dataset {k}: checkpoint {was[k]!r}, now {now[k]!r}"
+        for k in sorted(set(was) & set(now))
+        if was[k] != now[k]
     ]
     saved_config = ckpt.get("model_config")
     if saved_config != model_config:
