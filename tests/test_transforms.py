@@ -104,6 +104,35 @@ def test_train_and_eval_transforms():
         T.train_transform((8, 8, 8))
 
 
+def test_bicubic_resize_keeps_bilinear_randaugment_warps():
+    """The reference resizes with `interpolation` but RandAugment always warps bilinearly."""
+    image = IMAGES[0]
+    tf = T.train_transform((40, 56), "bicubic")
+    resized = F.resize(image, [40, 56], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    differs = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        got = tf(image)
+        torch.manual_seed(seed)
+        assert torch.equal(got, T.FastRandAugment(3, interpolation="bilinear")(resized)), seed
+        torch.manual_seed(seed)
+        differs += not torch.equal(got, T.FastRandAugment(3, interpolation="bicubic")(resized))
+    assert differs > 0  # some seeds draw a warp, where the two interpolations part
+
+
+def test_sixteen_bit_png_is_scaled_to_uint8(tmp_path):
+    values = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")  # mode I;16
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    img = T.load_image(tmp_path / "deep.png")
+    assert img.dtype == torch.uint8 and img.shape == (3, 48, 64)
+    want = torch.from_numpy(values.astype(np.float64) / 257).round()
+    assert (img[0].double() - want).abs().max() <= 1
+    assert img.max() == 255 and img.min() == 0
+    with pytest.raises(TypeError, match="uint8"):
+        T.to_model_input(torch.zeros(1, 3, 4, 4, dtype=torch.int32), "cpu")
+
+
 def test_load_image_formats_and_errors(tmp_path):
     rgb = photo(3)
     cases = {"rgb.jpg": ("RGB", "JPEG"), "gray.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG")}

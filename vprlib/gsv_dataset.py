@@ -7,8 +7,10 @@ measurement (bench/loader.py):
 - bytes are read with torchvision.io.read_file and decoded with libjpeg-turbo
   (torchvision.io.decode_jpeg) straight into a uint8 tensor, with no PIL object;
 - resizing runs on uint8 (antialiased bilinear has a vectorised uint8 kernel), then
-  RandAugment(num_ops=3) runs on the uint8 tensor through `transforms.FastRandAugment`
-  (torchvision's ops, draws and outputs, with table/slicing/integer kernels: ~2x faster);
+  RandAugment(num_ops=3, bilinear warps whatever `interpolation` the resize uses, as the
+  reference) runs on the uint8 tensor through `transforms.FastRandAugment` (torchvision's
+  ops and draws, with table/slicing/integer kernels: ~2x faster; warps round ~0.1% of
+  pixels one grey level apart);
 - items stay uint8: conversion to float and ImageNet normalisation happen on the training
   device in `batch_to_device` (4x fewer bytes through the DataLoader and to the GPU).
 PIL's draft mode (DCT-domain downscaling) does not help here: it only reduces by powers of
@@ -55,6 +57,7 @@ import torch
 
 from .gsv_cities import filter_min_images, read_gsv_dataframes
 from .transforms import (
+    AUGMENT_INTERPOLATION,
     _size,
     apply_plans,
     decode_image_bytes,
@@ -166,6 +169,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     `fit` switch to "mixed" on a CUDA device (`for_device`). All modes give the same images
     on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in
     the DataLoader and `batch_to_device` on each batch.
+    `interpolation` ("bilinear" | "bicubic") is the resize's; RandAugment's warps stay
+    bilinear, as in the reference recipe.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
     image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
     filtered read_gsv_dataframes table; needs `place` and `path`). Copies of the dataset in
@@ -364,7 +369,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
             decoded = torch.stack([self.transform(img) for img in loaded[:k_cpu]])
         plans = None
         if self.augment:
-            plans = draw_plans(seeds, *self.image_size, interpolation=self.interpolation)
+            plans = draw_plans(seeds, *self.image_size, interpolation=AUGMENT_INTERPOLATION)
         return EncodedImages(buffer, offsets, paths[k_cpu:], plans, (len(seeds),), decoded)
 
     # -- batching
@@ -409,7 +414,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         if isinstance(images, DecodedImages):
             batch = images.images
             if images.plans is not None:
-                batch = apply_plans(batch, images.plans, self.interpolation)
+                batch = apply_plans(batch, images.plans, AUGMENT_INTERPOLATION)
             images = batch
         return to_model_input(images, device, channels_last=channels_last)
 

@@ -18,6 +18,9 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# RandAugment's Shear/Rotate resample bilinearly whatever the resize uses, as the reference
+# recipe does (T.Resize(..., interpolation) then T.RandAugment(3, interpolation=BILINEAR)).
+AUGMENT_INTERPOLATION = "bilinear"
 
 
 def normalize(
@@ -43,7 +46,8 @@ def to_model_input(
     """Move a batch to `device` and make it model-ready float.
 
     Accepts [N,3,H,W] or [P,K,3,H,W] (flattened to [P*K,3,H,W]). uint8 is normalised on
-    the device; floating input is assumed normalised already.
+    the device; floating input is assumed normalised already; other integer types are refused
+    (a 16-bit image would reach the model unnormalised).
     """
     if images.dim() == 5:
         images = images.flatten(0, 1)
@@ -53,8 +57,12 @@ def to_model_input(
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = normalize(images, mean, std)
-    else:
+    elif images.is_floating_point():
         images = images.float()
+    else:
+        raise TypeError(
+            f"to_model_input expects uint8 (0..255) or normalised float images, got {images.dtype}"
+        )
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
@@ -91,11 +99,13 @@ class FastRandAugment:
 
     Same op list, magnitudes and random draws (torch's global RNG) as
     `v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)`, and the same
-    output bytes (tests compare them): translations are integer shifts done by slicing,
+    output bytes except after Shear/Rotate: translations are integer shifts done by slicing,
     Solarize/AutoContrast/Equalize are 256-entry lookup tables, Sharpness sums the 3x3
-    neighbourhood in integers instead of a float convolution. Shear, Rotate, Brightness,
-    Color, Contrast and Posterize call torchvision. Works on any device (used by the GPU
-    path too). Input and output: uint8 [..., 3, H, W].
+    neighbourhood in integers instead of a float convolution, Shear/Rotate run one own affine
+    warp (`_warp_affine`, a matrix per image) that rounds ~0.1% of pixels one grey level
+    apart from torchvision's (a later Solarize can turn such a pixel to the other side of its
+    threshold). Brightness, Color, Contrast and Posterize call torchvision. Works on any
+    device (used by the GPU path too). Input and output: uint8 [..., 3, H, W].
     """
 
     def __init__(
@@ -348,14 +358,15 @@ def _sharpness(image: torch.Tensor, factor: float) -> torch.Tensor:
 
 def train_transform(image_size=(320, 320), interpolation: str = "bilinear"):
     """Training transform of the reference recipe on uint8 tensors: resize (stretching, no
-    crop, antialiased) then RandAugment(num_ops=3). uint8 [3,H,W] in, uint8 [3,h,w] out."""
+    crop, antialiased, `interpolation`) then RandAugment(num_ops=3) with bilinear warps
+    (AUGMENT_INTERPOLATION, as the reference). uint8 [3,H,W] in, uint8 [3,h,w] out."""
     from torchvision.transforms import v2
 
     mode = _interpolation(interpolation)
     return v2.Compose(
         [
             v2.Resize(_size(image_size), interpolation=mode, antialias=True),
-            FastRandAugment(num_ops=3, interpolation=interpolation),
+            FastRandAugment(num_ops=3, interpolation=AUGMENT_INTERPOLATION),
         ]
     )
 
@@ -373,16 +384,18 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 
 def decode_image_bytes(data: torch.Tensor, name: str = "<bytes>") -> torch.Tensor:
     """Encoded image bytes (uint8 1-D) -> uint8 RGB [3,H,W]. JPEG goes through libjpeg-turbo
-    (grayscale and CMYK converted to RGB); other formats through torchvision.io.decode_image.
-    A failure raises ValueError naming `name`."""
+    (grayscale and CMYK converted to RGB); other formats through torchvision.io.decode_image
+    (16-bit PNGs scaled to 0..255). A failure raises ValueError naming `name`."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.transforms.v2.functional import to_dtype
 
     try:
         if _is_jpeg(data):
             return decode_jpeg(data, mode=ImageReadMode.RGB)
-        return decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise ValueError(f"cannot decode image {name}: {e}") from e
+    return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
 
 
 def read_image_bytes(path) -> torch.Tensor:
