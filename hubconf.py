@@ -10,16 +10,21 @@ keyword arguments go to `vprlib.VPRModel` (untrained) or `vprlib.load_pretrained
 from ImageNet weights.
 """
 
-dependencies = ["torch", "torchvision"]
+# What `import vprlib` needs (module names, as torch.hub checks them before any entry runs).
+dependencies = ["torch", "torchvision", "numpy", "pandas", "PIL", "faiss"]
 
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from vprlib.download import RELEASED  # noqa: E402
-from vprlib.models import VPRModel, load_pretrained  # noqa: E402
+# vprlib is imported inside the entry points, so a missing dependency is reported by torch.hub's
+# check of `dependencies` rather than as an ImportError while this file loads.
 
-# Descriptor dim -> released file (ResNet50 with layer4 + Conv-AP 2x2).
-CONVAP_RELEASED = {dim: name for name, dim in RELEASED.items()}
+
+def _convap_released() -> dict:
+    """Descriptor dim -> released file (ResNet50 with layer4 + Conv-AP 2x2)."""
+    from vprlib.download import RELEASED
+
+    return {dim: name for name, dim in RELEASED.items()}
 
 
 def _check_imagenet(imagenet) -> None:
@@ -35,12 +40,15 @@ def _check_imagenet(imagenet) -> None:
 def convap(dim: int = 4096, pretrained: bool = True, imagenet: bool | str = False, **kw):
     """ResNet50 + Conv-AP (GSV-Cities). dim in 512/2048/4096/8192 picks the released file;
     pretrained=False builds the same architecture untrained."""
-    if dim not in CONVAP_RELEASED:
-        raise ValueError(f"convap: dim must be one of {sorted(CONVAP_RELEASED)}, got {dim!r}")
+    from vprlib.models import VPRModel, load_pretrained
+
+    released = _convap_released()
+    if dim not in released:
+        raise ValueError(f"convap: dim must be one of {sorted(released)}, got {dim!r}")
     if pretrained:
         if imagenet is not False:
             raise ValueError("convap: imagenet= only applies with pretrained=False")
-        return load_pretrained(CONVAP_RELEASED[dim], **kw)
+        return load_pretrained(released[dim], **kw)
     _check_imagenet(imagenet)
     agg_config = {"out_channels": dim // 4, "s1": 2, "s2": 2, **(kw.pop("agg_config", None) or {})}
     return VPRModel(
@@ -52,10 +60,12 @@ def convap(dim: int = 4096, pretrained: bool = True, imagenet: bool | str = Fals
 
 
 def _untrained(agg: str, pretrained: bool, imagenet: bool | str, kw: dict):
+    from vprlib.models import VPRModel
+
     if pretrained:
         raise ValueError(
             f"{agg}: no released weights are wired for this aggregator; the released weights "
-            f"are Conv-AP only: convap(dim=...) with dim in {sorted(CONVAP_RELEASED)}. "
+            f"are Conv-AP only: convap(dim=...) with dim in {sorted(_convap_released())}. "
             "Use pretrained=False for an untrained model, or vprlib.load_pretrained(path) for "
             "a checkpoint file in the same key layout (e.g. public MixVPR ResNet50 weights)"
         )

@@ -769,3 +769,15 @@ def test_a_place_without_coordinates_does_not_hide_its_city(gsv_root):
     rest = boston[~lone]
     assert np.isfinite(expected)
     assert G.min_place_distance_m(boston) == G.min_place_distance_m(rest) < np.inf
+
+
+def test_dataset_works_in_spawned_workers(gsv_root):
+    """macOS/Windows (and Python >= 3.14 on Linux) start DataLoader workers without fork: the
+    dataset, RandAugment included, must pickle, and give the same batch there."""
+    ds = D.GSVCitiesDataset(gsv_root, image_size=(32, 32), seed=3)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=1, collate_fn=ds.collate_fn, multiprocessing_context="spawn"
+    )
+    images, labels = next(iter(loader))
+    want_images, want_labels = ds.collate_fn([ds[0], ds[1]])
+    assert torch.equal(images, want_images) and torch.equal(labels, want_labels)

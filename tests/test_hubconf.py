@@ -2,6 +2,9 @@
 a pre-placed file in a temporary hub dir (no network), and clear errors."""
 
 import importlib.util
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -18,9 +21,43 @@ def test_entry_points_and_dependencies(repo_root):
     spec = importlib.util.spec_from_file_location("vprlib_hubconf", repo_root / "hubconf.py")
     hubconf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hubconf)
-    assert hubconf.dependencies == ["torch", "torchvision"]
     for entry in ("convap", "gem", "cosplace", "mixvpr", "netvlad", "avg"):
         assert callable(getattr(hubconf, entry)), entry
+
+
+def test_hub_names_every_dependency_vprlib_imports(repo_root):
+    """`dependencies` lists what `import vprlib` needs, and hubconf loads without them, so
+    torch.hub's own check names a missing one (faiss here) instead of an ImportError."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, subprocess, sys
+        before = set(sys.modules)
+        import vprlib
+        roots = {{m.split(".")[0] for m in set(sys.modules) - before}}
+        spec = importlib.util.spec_from_file_location("hubconf", {str(repo_root / "hubconf.py")!r})
+        hub = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(hub)
+        third_party = {{"torch", "torchvision", "numpy", "pandas", "PIL", "faiss"}}
+        assert third_party <= roots, third_party - roots
+        assert set(hub.dependencies) == third_party, hub.dependencies
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    blocked = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        sys.modules["faiss"] = None  # not installed
+        spec = importlib.util.spec_from_file_location("hubconf", {str(repo_root / "hubconf.py")!r})
+        hub = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(hub)  # loads: vprlib is imported by the entry points only
+        assert "vprlib" not in sys.modules and "faiss" in hub.dependencies
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def test_convap_untrained_has_released_architecture(repo_root, hub_dir):

@@ -18,7 +18,7 @@ def test_import_works_with_notebook_libraries_blocked():
         class Block:
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"blocked for this test: {{name}}")
+                    raise ModuleNotFoundError(f"blocked for this test: {{name}}", name=name)
                 return None
 
         sys.meta_path.insert(0, Block())
@@ -30,6 +30,22 @@ def test_import_works_with_notebook_libraries_blocked():
         assert out.shape == (2, model.descriptor_dim)
         loaded = [m for m in BLOCKED if m in sys.modules]
         assert not loaded, loaded
+        # the notebook functions say what they need and how to install it
+        import pandas as pd
+        df = pd.DataFrame({{"city_id": ["X"], "place": [1], "lat": [1.0], "lon": [2.0],
+                           "year": [2020], "month": [1], "northdeg": [0]}})
+        from vprlib import maps, plots, widgets
+        for call, module, package in [
+            (lambda: maps.cities_map(df), "folium", "folium"),
+            (lambda: plots.plot_years(df), "matplotlib", "matplotlib"),
+            (lambda: widgets.place_browser(df, "."), "ipywidgets", "ipywidgets"),
+        ]:
+            try:
+                call()
+            except ImportError as e:
+                assert f"needs {{module}}" in str(e) and f"pip install {{package}}" in str(e), e
+            else:
+                raise AssertionError(f"no ImportError without {{module}}")
         print("ok")
         """
     )

@@ -169,6 +169,12 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     `fit` switch to "mixed" on a CUDA device (`for_device`). All modes give the same images
     on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in
     the DataLoader and `batch_to_device` on each batch.
+    Items depend only on (seed, epoch, index): in your own loop call `set_epoch(e)` before
+    each epoch, or every epoch repeats the same images and augmentations. With
+    `persistent_workers=True` the workers keep their own copy and never see that call: use
+    `vprlib.batching.make_loader` (what `fit` uses: `loader, sampler = make_loader(ds, P,
+    seed, num_workers, device)`, then `sampler.set_epoch(e)` each epoch; the sampler sends the
+    epoch with each index).
     `interpolation` ("bilinear" | "bicubic") is the resize's; RandAugment's warps stay
     bilinear, as in the reference recipe.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another

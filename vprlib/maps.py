@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .gsv_cities import place_centres
+from .optional import needs
 from .plots import _require_columns
 
 # Rounding coordinates to 6 decimals (~0.1 m) keeps the HTML small without moving any point.
@@ -51,7 +52,8 @@ def _city_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def cities_map(df: pd.DataFrame, max_radius_px: float = 30.0):
     """World map with one circle per city, its area proportional to the number of places."""
-    import folium
+    with needs("vprlib.maps.cities_map"):
+        import folium
 
     table = _city_table(df)
     if table.empty:
@@ -85,8 +87,9 @@ _PLACE_CALLBACK = """function (row) {
 
 def city_map(df: pd.DataFrame, city: str):
     """One city's places: clustered markers (FastMarkerCluster) + a density heat map layer."""
-    import folium
-    from folium.plugins import FastMarkerCluster, HeatMap
+    with needs("vprlib.maps.city_map"):
+        import folium
+        from folium.plugins import FastMarkerCluster, HeatMap
 
     _require_columns(df, ["city_id", "place", "lat", "lon"], "city_map")
     _require_coordinates(df, "city_map")
@@ -121,7 +124,8 @@ def _heading_end(lat: float, lon: float, heading_deg: float, length_m: float) ->
 
 def place_map(df: pd.DataFrame, place: int, arrow_m: float = 15.0):
     """One place: a marker per image (date, heading) and a line pointing where the camera looked."""
-    import folium
+    with needs("vprlib.maps.place_map"):
+        import folium
 
     _require_columns(df, ["place", "lat", "lon", "year", "month", "northdeg"], "place_map")
     _require_coordinates(df, "place_map")
@@ -148,7 +152,8 @@ def retrieval_map(
     correct: Sequence[bool],
 ):
     """Query (blue) and its top-K database matches, green if a true positive, red if not."""
-    import folium
+    with needs("vprlib.maps.retrieval_map"):
+        import folium
 
     q = np.asarray(query_latlon, dtype=float).reshape(-1)
     db = np.asarray(db_latlon_topk, dtype=float).reshape(-1, 2)

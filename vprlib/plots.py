@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .fileio import atomic_write_bytes
+from .optional import needs
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CORRECT_COLOUR = "#2ca02c"  # green frame: a true positive
@@ -26,14 +27,16 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", 
 
 
 def _pyplot():
-    import matplotlib.pyplot as plt
+    with needs("vprlib.plots (matplotlib)"):
+        import matplotlib.pyplot as plt
 
     return plt
 
 
 def _integer_y(ax) -> None:
     """Counts are whole numbers: no 0.5 ticks on the y axis."""
-    from matplotlib.ticker import MaxNLocator
+    with needs("vprlib.plots (matplotlib)"):
+        from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -311,7 +314,8 @@ def plot_history(history: pd.DataFrame):
         )
     n = len(panels) + (1 if recall_cols else 0)
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter
+    with needs("vprlib.plots (matplotlib)"):
+        from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
     for ax, (col, label) in zip(axes[0], panels, strict=False):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .fileio import atomic_write_text
+from .optional import needs
 
 
 class NotebookError(RuntimeError):
@@ -43,9 +44,10 @@ def run_notebook(
 
     Raises NotebookError naming the notebook and cell when a cell fails or times out.
     """
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+    with needs("vprlib.run_notebooks"):
+        import nbformat
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)

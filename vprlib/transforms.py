@@ -129,6 +129,18 @@ class FastRandAugment:
         self._magnitudes: dict = {}
         self._tables: dict = {}
 
+    def __getstate__(self) -> dict:
+        # `ops` holds torchvision's lambdas, which cannot be pickled (DataLoader workers
+        # started with spawn/forkserver): rebuilt from the class table, caches start empty.
+        return {
+            k: v for k, v in self.__dict__.items() if k not in ("ops", "_magnitudes", "_tables")
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ops = list(self.reference._AUGMENTATION_SPACE.items())
+        self._magnitudes, self._tables = {}, {}
+
     def __repr__(self) -> str:
         r = self.reference
         return f"FastRandAugment(num_ops={r.num_ops}, magnitude={r.magnitude})"

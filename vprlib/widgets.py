@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .optional import needs
 
 
 def _show(output, *objects) -> None:
@@ -27,8 +28,9 @@ def _show(output, *objects) -> None:
 
 def _figure_image(fig):
     """A closed matplotlib figure as an IPython PNG image (no inline backend needed)."""
-    import matplotlib.pyplot as plt
-    from IPython.display import Image
+    with needs("vprlib.widgets"):
+        import matplotlib.pyplot as plt
+        from IPython.display import Image
 
     png = plots.figure_png(fig)
     plt.close(fig)
@@ -40,7 +42,8 @@ def _figure_image(fig):
 
 def place_figure(df: pd.DataFrame, root: str | os.PathLike, place: int, max_images: int = 20):
     """One place's images in date order, each titled with date and heading."""
-    import matplotlib.pyplot as plt
+    with needs("vprlib.widgets.place_figure"):
+        import matplotlib.pyplot as plt
 
     rows = df[df["place"] == place].sort_values(["year", "month"])
     if rows.empty:
@@ -68,8 +71,9 @@ def place_browser(df: pd.DataFrame, root: str | os.PathLike):
     `df` comes from `read_gsv_dataframes(root)` (needs city_id, place, year, month, northdeg,
     lat, lon, path); `root` is the GSV-Cities folder the `path` column is relative to.
     """
-    import ipywidgets as W
-    from IPython.display import HTML
+    with needs("vprlib.widgets.place_browser"):
+        import ipywidgets as W
+        from IPython.display import HTML
 
     plots._require_columns(
         df, ["city_id", "place", "year", "month", "northdeg", "lat", "lon", "path"], "place_browser"
@@ -133,8 +137,9 @@ def retrieval_browser(results, benchmark=None, k: int = 5):
     `benchmark` (optional) supplies `query_latlon` / `db_latlon` for the folium map.
     Controls: query slider, K slider, "only failures" (queries whose top-1 is wrong).
     """
-    import ipywidgets as W
-    from IPython.display import HTML
+    with needs("vprlib.widgets.retrieval_browser"):
+        import ipywidgets as W
+        from IPython.display import HTML
 
     from . import maps
 
