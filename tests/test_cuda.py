@@ -166,11 +166,13 @@ def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
             model, paths, device="cuda", gpu_decode=True, precision="bf16", **kw
         )
         assert np.array_equal(on_gpu, nvjpeg)
-        fp32 = extract_descriptors(model, paths, device="cuda", gpu_decode=True, **kw)
+        # the default precision (fp32; TF32 convolutions) with the CPU's decoding: only the
+        # device differs, so the descriptors agree far more closely than bf16's
+        fp32 = extract_descriptors(model, paths, device="cuda", gpu_decode=False, **kw)
         cos32 = (on_cpu * fp32).sum(1) / (
             np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(fp32, axis=1)
         )
-        assert cos32.min() > 0.999, cos32.min()  # the default fp32 is closer than bf16
+        assert cos32.min() > 0.999, cos32.min()
 
 
 @pytest.mark.parametrize("priority", [0, -1])
