@@ -194,7 +194,10 @@ def main(argv=None) -> None:
         elif backend != "CPU_ONLY" and not cuda:
             decoder = "no CUDA"
         else:
-            decoder = nvimgcodec_decoder(nvimgcodec, backend)
+            try:  # a backend that cannot start must not cost the other rows
+                decoder = nvimgcodec_decoder(nvimgcodec, backend)
+            except Exception as e:  # noqa: BLE001 - any failure of the optional library
+                decoder = f"cannot start: {type(e).__name__}: {str(e)[:80]}"
         rows.append((f"nvimgcodec {backend}", decoder, True, backend != "CPU_ONLY"))
 
     device = torch.device("cuda" if cuda else "cpu")

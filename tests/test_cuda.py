@@ -175,6 +175,26 @@ def test_extraction_on_cuda_matches_the_cpu(bench_root, gpu_decode):
         assert cos32.min() > 0.999, cos32.min()
 
 
+def test_nvjpeg_never_writes_into_memory_still_in_use(bench_root):
+    """nvJPEG writes on its own stream into tensors allocated on ours: back-to-back decodes
+    behind a busy stream must not overwrite the first batch's images before it is resized
+    (pytorch/vision PR 9606; _decode_jpegs drains the stream first)."""
+    from vprlib.transforms import decode_jpeg_batch, read_image_bytes
+
+    paths = vprlib.load_benchmark(bench_root / "gsv_sample").db_paths[:16]  # all one size
+    data = [read_image_bytes(p) for p in paths]
+    want = decode_jpeg_batch(data, CUDA, SIZE, "bilinear", paths)
+    torch.cuda.synchronize()
+    for _ in range(5):
+        busy = torch.randn(4096, 4096, device=CUDA)
+        for _ in range(20):  # ~tens of ms of queued work ahead of the resizes
+            busy = torch.tanh(busy @ busy)
+        first = decode_jpeg_batch(data, CUDA, SIZE, "bilinear", paths)
+        second = decode_jpeg_batch(data, CUDA, SIZE, "bilinear", paths)
+        torch.cuda.synchronize()
+        assert torch.equal(first, want) and torch.equal(second, want)
+
+
 @pytest.mark.parametrize("priority", [0, -1])
 def test_prefetch_side_stream_priority(priority):
     """prefetch_to_device prepares batches on a side stream of the asked priority (clamped to

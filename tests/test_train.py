@@ -343,6 +343,18 @@ def test_cli_smoke(sample_root, repo_root, tmp_path):
     assert (out / "best.ckpt").is_file()
 
 
+def test_cli_help_states_each_default_once():
+    from vprlib.train_cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text
+    assert "(default: 650)" in text and "(default: 0.05)" in text  # the recipe's knobs
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        assert formatter._get_help_string(action).count("default:") <= 1, action.dest
+
+
 def test_cli_errors(tmp_path):
     from vprlib.train_cli import main
 

@@ -1,6 +1,6 @@
 """Descriptor extraction, nearest-neighbour search, recall@K and per-query results.
 
-The protocol (see REFERENCE.md): each query's L2 nearest neighbours among the database
+The standard VPR protocol: each query's L2 nearest neighbours among the database
 descriptors (L2 on L2-normalised descriptors ranks like cosine similarity); a query is correct
 at K when any of its top-K is a positive. Recall@K = share of correct queries.
 """

@@ -12,8 +12,9 @@ PIP_NAMES = {"IPython": "ipython", "PIL": "pillow"}
 
 
 @contextlib.contextmanager
-def needs(feature: str) -> Iterator[None]:
-    """Wrap the imports of a notebook-only library: `with needs("cities_map"): import folium`."""
+def needs(feature: str, extra: str = "colab") -> Iterator[None]:
+    """Wrap the imports of a notebook-only library: `with needs("cities_map"): import folium`.
+    `extra`: the vprlib extra that installs it ("colab": maps, plots, widgets; "dev": nbclient)."""
     try:
         yield
     except ImportError as e:
@@ -23,5 +24,5 @@ def needs(feature: str) -> Iterator[None]:
         package = PIP_NAMES.get(module, module)
         raise ImportError(
             f"{feature} needs {module}, which is not installed: pip install {package} "
-            "(or pip install 'vprlib[colab]' for every notebook library)"
+            f"(or pip install 'vprlib[{extra}]')"
         ) from e

@@ -24,6 +24,17 @@ def _resume_arg(text: str) -> bool | str:
     raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to help texts, except where the default is None (the text
+    says what None means) or the text already names the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _miner_arg(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
@@ -45,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vprlib.train",
         description="Train a VPR model on GSV-Cities (P places x K images, Multi-Similarity loss).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     d = p.add_argument_group("data")
     d.add_argument(
@@ -118,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pytorch-metric-learning miner name, or 'none' for the loss on all pairs",
     )
     t.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA, fp32 on CPU"
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 on CUDA (fp16 where unsupported), fp32 on CPU",
     )
     t.add_argument(
         "--compile",

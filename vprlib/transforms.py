@@ -31,9 +31,17 @@ def normalize(
     """uint8 images [..., 3, H, W] in 0..255 -> float32 normalised with mean/std (on their device)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(3, 1, 1)
+    m, s = _mean_std(images.device, tuple(mean), tuple(std))
     return (images.float().div_(255.0) - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std as [3,1,1] float32 on `device`, made once: a fresh host-to-device copy per
+    batch would make the host wait for the GPU (a blocking copy syncs its stream)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1).to(device)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1).to(device)
+    return m, s
 
 
 def to_model_input(
@@ -100,11 +108,11 @@ class FastRandAugment:
     Same op list, magnitudes and random draws (torch's global RNG) as
     `v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)`, and the same
     output bytes except after Shear/Rotate: translations are integer shifts done by slicing,
-    Solarize/AutoContrast/Equalize are 256-entry lookup tables, Sharpness sums the 3x3
+    Solarize, Brightness, Posterize, AutoContrast and Equalize are 256-entry lookup tables, Sharpness sums the 3x3
     neighbourhood in integers instead of a float convolution, Shear/Rotate run one own affine
     warp (`_warp_affine`, a matrix per image) that rounds ~0.1% of pixels one grey level
     apart from torchvision's (a later Solarize can turn such a pixel to the other side of its
-    threshold). Brightness, Color, Contrast and Posterize call torchvision. Works on any
+    threshold). Color and Contrast call torchvision. Works on any
     device (used by the GPU path too). Input and output: uint8 [..., 3, H, W].
     """
 
@@ -338,8 +346,11 @@ def _equalize_lut(image: torch.Tensor) -> torch.Tensor:
     channels = image.reshape(-1, h * w)
     c, n = channels.shape
     dev = image.device
-    bins = torch.arange(c, device=dev).unsqueeze_(1) * 256 + channels.long()
-    hist = torch.bincount(bins.flatten(), minlength=c * 256).view(c, 256)
+    bins = (torch.arange(c, device=dev).unsqueeze_(1) * 256 + channels.long()).flatten()
+    # index_add_, not bincount: CUDA's bincount reads the largest bin back to the host
+    ones = torch.ones(1, dtype=torch.int64, device=dev).expand(len(bins))
+    hist = torch.zeros(c * 256, dtype=torch.int64, device=dev).index_add_(0, bins, ones)
+    hist = hist.view(c, 256)
     values = torch.arange(256, device=dev)
     last = torch.where(hist > 0, values, -1).amax(dim=1, keepdim=True)  # last non-empty bin
     step = (n - hist.gather(1, last)).div(255, rounding_mode="floor")  # [c, 1]
@@ -498,9 +509,16 @@ def decode_jpeg_batch(
 
 
 def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """torchvision's JPEG decoder (nvJPEG on CUDA, one call for the list) -> RGB uint8."""
+    """torchvision's JPEG decoder (nvJPEG on CUDA, one call for the list) -> RGB uint8.
+
+    On CUDA the current stream is drained first: torchvision allocates the outputs on it but
+    nvJPEG writes them on a stream of its own that does not wait for ours, so memory just
+    freed by kernels still queued here could be overwritten under them (pytorch/vision
+    PR 9606). Cheap: the decoder makes the host wait for its own work anyway."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
