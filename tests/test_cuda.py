@@ -190,9 +190,10 @@ def test_nvjpeg_never_writes_into_memory_still_in_use(bench_root):
         for _ in range(20):  # ~tens of ms of queued work ahead of the resizes
             busy = torch.tanh(busy @ busy)
         first = decode_jpeg_batch(data, CUDA, SIZE, "bilinear", paths)
-        second = decode_jpeg_batch(data, CUDA, SIZE, "bilinear", paths)
+        # other pixels into the same freed blocks: a write under `first` would show
+        second = decode_jpeg_batch(data[::-1], CUDA, SIZE, "bilinear", paths[::-1])
         torch.cuda.synchronize()
-        assert torch.equal(first, want) and torch.equal(second, want)
+        assert torch.equal(first, want) and torch.equal(second, want.flip(0))
 
 
 @pytest.mark.parametrize("priority", [0, -1])

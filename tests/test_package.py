@@ -92,3 +92,28 @@ def test_colab_installs_the_notebook_libraries_without_jupyterlab(repo_root):
     for nb in sorted((repo_root / "notebooks").glob("*.ipynb")):
         setup = "".join(json.loads(nb.read_text())["cells"][1]["source"])
         assert "/content/vprlib[colab]" in setup, nb.name
+
+
+def test_needs_blames_only_a_missing_library():
+    """`optional.needs` says "not installed: pip install X" only when X itself is absent; an
+    old or broken install (or a missing dependency of X) is reported as such."""
+    import pytest
+
+    from vprlib.optional import needs
+
+    with pytest.raises(
+        ImportError, match=r"needs folium, which is not installed: pip install folium"
+    ):
+        with needs("f", "folium"):
+            raise ModuleNotFoundError("No module named 'folium'", name="folium")
+    with pytest.raises(
+        ImportError, match=r"folium is installed but failed to import: cannot import"
+    ):
+        with needs("f", "folium"):
+            raise ImportError("cannot import name 'X' from 'folium.plugins'", name="folium.plugins")
+    with pytest.raises(ImportError, match=r"matplotlib is installed but failed to import"):
+        with needs("f", "matplotlib"):
+            raise ModuleNotFoundError("No module named 'dateutil'", name="dateutil")
+    with pytest.raises(ImportError, match=r"pip install ipython"):
+        with needs("f", "IPython"):
+            raise ModuleNotFoundError("No module named 'IPython'", name="IPython")

@@ -349,6 +349,7 @@ def test_cli_help_states_each_default_once():
     text = " ".join(build_parser().format_help().split())
     assert "(default: None)" not in text
     assert "(default: 650)" in text and "(default: 0.05)" in text  # the recipe's knobs
+    assert "(default: [4])" in text  # --layers-to-crop's help mentions the paper's "default"
     parser = build_parser()
     formatter = parser._get_formatter()
     for action in parser._actions:

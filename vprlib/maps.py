@@ -52,7 +52,7 @@ def _city_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def cities_map(df: pd.DataFrame, max_radius_px: float = 30.0):
     """World map with one circle per city, its area proportional to the number of places."""
-    with needs("vprlib.maps.cities_map"):
+    with needs("vprlib.maps.cities_map", "folium"):
         import folium
 
     table = _city_table(df)
@@ -87,7 +87,7 @@ _PLACE_CALLBACK = """function (row) {
 
 def city_map(df: pd.DataFrame, city: str):
     """One city's places: clustered markers (FastMarkerCluster) + a density heat map layer."""
-    with needs("vprlib.maps.city_map"):
+    with needs("vprlib.maps.city_map", "folium"):
         import folium
         from folium.plugins import FastMarkerCluster, HeatMap
 
@@ -124,7 +124,7 @@ def _heading_end(lat: float, lon: float, heading_deg: float, length_m: float) ->
 
 def place_map(df: pd.DataFrame, place: int, arrow_m: float = 15.0):
     """One place: a marker per image (date, heading) and a line pointing where the camera looked."""
-    with needs("vprlib.maps.place_map"):
+    with needs("vprlib.maps.place_map", "folium"):
         import folium
 
     _require_columns(df, ["place", "lat", "lon", "year", "month", "northdeg"], "place_map")
@@ -152,7 +152,7 @@ def retrieval_map(
     correct: Sequence[bool],
 ):
     """Query (blue) and its top-K database matches, green if a true positive, red if not."""
-    with needs("vprlib.maps.retrieval_map"):
+    with needs("vprlib.maps.retrieval_map", "folium"):
         import folium
 
     q = np.asarray(query_latlon, dtype=float).reshape(-1)

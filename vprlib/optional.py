@@ -12,17 +12,22 @@ PIP_NAMES = {"IPython": "ipython", "PIL": "pillow"}
 
 
 @contextlib.contextmanager
-def needs(feature: str, extra: str = "colab") -> Iterator[None]:
-    """Wrap the imports of a notebook-only library: `with needs("cities_map"): import folium`.
-    `extra`: the vprlib extra that installs it ("colab": maps, plots, widgets; "dev": nbclient)."""
+def needs(feature: str, *modules: str, extra: str = "colab") -> Iterator[None]:
+    """Wrap the imports of notebook-only `modules`:
+    `with needs("cities_map", "folium"): import folium`. Only their absence becomes the
+    "not installed: pip install ..." error; any other ImportError (an old or broken install)
+    is re-raised saying so. `extra`: the vprlib extra that installs them ("colab": maps, plots,
+    widgets; "dev": nbclient)."""
     try:
         yield
     except ImportError as e:
-        if not e.name:  # not a missing module (e.g. a broken install): say what failed
-            raise ImportError(f"{feature}: a notebook library failed to import: {e}") from e
-        module = e.name.split(".")[0]
-        package = PIP_NAMES.get(module, module)
+        missing = (e.name or "").split(".")[0]
+        if isinstance(e, ModuleNotFoundError) and missing in modules:
+            package = PIP_NAMES.get(missing, missing)
+            raise ImportError(
+                f"{feature} needs {missing}, which is not installed: pip install {package} "
+                f"(or pip install 'vprlib[{extra}]')"
+            ) from e
         raise ImportError(
-            f"{feature} needs {module}, which is not installed: pip install {package} "
-            f"(or pip install 'vprlib[{extra}]')"
+            f"{feature}: {'/'.join(modules)} is installed but failed to import: {e}"
         ) from e

@@ -27,7 +27,7 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", 
 
 
 def _pyplot():
-    with needs("vprlib.plots (matplotlib)"):
+    with needs("vprlib.plots (matplotlib)", "matplotlib"):
         import matplotlib.pyplot as plt
 
     return plt
@@ -35,7 +35,7 @@ def _pyplot():
 
 def _integer_y(ax) -> None:
     """Counts are whole numbers: no 0.5 ticks on the y axis."""
-    with needs("vprlib.plots (matplotlib)"):
+    with needs("vprlib.plots (matplotlib)", "matplotlib"):
         from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -314,7 +314,7 @@ def plot_history(history: pd.DataFrame):
         )
     n = len(panels) + (1 if recall_cols else 0)
     plt = _pyplot()
-    with needs("vprlib.plots (matplotlib)"):
+    with needs("vprlib.plots (matplotlib)", "matplotlib"):
         from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)

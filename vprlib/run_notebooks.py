@@ -44,7 +44,7 @@ def run_notebook(
 
     Raises NotebookError naming the notebook and cell when a cell fails or times out.
     """
-    with needs("vprlib.run_notebooks", extra="dev"):
+    with needs("vprlib.run_notebooks", "nbformat", "nbclient", extra="dev"):
         import nbformat
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError

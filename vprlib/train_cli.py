@@ -30,7 +30,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or "default" in text:
+        if action.default is None or "(default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -187,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where named benchmarks live (default: $VPR_BENCHMARKS_ROOT, "
         "else $VPRLIB_DATA/benchmarks)",
     )
-    o.add_argument("--checkpoint-dir", default=None)
+    o.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where last.ckpt, best.ckpt and history.csv go (None: no checkpoints; --resume needs it)",
+    )
     o.add_argument(
         "--resume",
         nargs="?",

@@ -28,7 +28,7 @@ def _show(output, *objects) -> None:
 
 def _figure_image(fig):
     """A closed matplotlib figure as an IPython PNG image (no inline backend needed)."""
-    with needs("vprlib.widgets"):
+    with needs("vprlib.widgets", "matplotlib", "IPython"):
         import matplotlib.pyplot as plt
         from IPython.display import Image
 
@@ -42,7 +42,7 @@ def _figure_image(fig):
 
 def place_figure(df: pd.DataFrame, root: str | os.PathLike, place: int, max_images: int = 20):
     """One place's images in date order, each titled with date and heading."""
-    with needs("vprlib.widgets.place_figure"):
+    with needs("vprlib.widgets.place_figure", "matplotlib"):
         import matplotlib.pyplot as plt
 
     rows = df[df["place"] == place].sort_values(["year", "month"])
@@ -71,7 +71,7 @@ def place_browser(df: pd.DataFrame, root: str | os.PathLike):
     `df` comes from `read_gsv_dataframes(root)` (needs city_id, place, year, month, northdeg,
     lat, lon, path); `root` is the GSV-Cities folder the `path` column is relative to.
     """
-    with needs("vprlib.widgets.place_browser"):
+    with needs("vprlib.widgets.place_browser", "ipywidgets", "IPython"):
         import ipywidgets as W
         from IPython.display import HTML
 
@@ -137,7 +137,7 @@ def retrieval_browser(results, benchmark=None, k: int = 5):
     `benchmark` (optional) supplies `query_latlon` / `db_latlon` for the folium map.
     Controls: query slider, K slider, "only failures" (queries whose top-1 is wrong).
     """
-    with needs("vprlib.widgets.retrieval_browser"):
+    with needs("vprlib.widgets.retrieval_browser", "ipywidgets", "IPython"):
         import ipywidgets as W
         from IPython.display import HTML
 
