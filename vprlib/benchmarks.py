@@ -219,7 +219,7 @@ def _load_named(name: str, root: str | os.PathLike | None, threshold_m: float) -
         db_file = _find_npy(folder, name, "dbImages")
         looked.append(str(folder / f"{name}_dbImages.npy"))
         if db_file is not None:
-            folders = (_child_folder(base, f) for f in LIST_IMAGE_FOLDERS.get(key, ()))
+            folders = (_find_entry(base, f, is_dir=True) for f in LIST_IMAGE_FOLDERS.get(key, ()))
             image_roots = [f for f in folders if f is not None] + [base]
             bench = _read_list_benchmark(db_file, image_roots, key)
             return _with_threshold(bench, threshold_m)
@@ -253,32 +253,24 @@ def _named_variant_hint(key: str) -> str:
     return hints.get(key, "positives = database images within the distance threshold (25 m)")
 
 
-def _child_folder(base: Path, name: str) -> Path | None:
-    """`base/name` matched case-insensitively (Pittsburgh/ or pittsburgh/), or None."""
-    if (base / name).is_dir():
-        return base / name
-    if not base.is_dir():
+def _find_entry(folder: Path, name: str, is_dir: bool = False) -> Path | None:
+    """`folder/name` (a file, or a folder if `is_dir`) matched case-insensitively
+    (Nordland_gt.npy for nordland_gt.npy, pittsburgh/ for Pittsburgh/), or None."""
+    kind = Path.is_dir if is_dir else Path.is_file
+    if kind(folder / name):
+        return folder / name
+    if not folder.is_dir():
         return None
-    with os.scandir(base) as entries:
+    with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.name.lower() == name.lower() and entry.is_dir():
+            if entry.name.lower() == name.lower() and kind(Path(entry.path)):
                 return Path(entry.path)
     return None
 
 
 def _find_npy(folder: Path, name: str, kind: str) -> Path | None:
-    """`<folder>/<name>_<kind>.npy`, matching the name case-insensitively (Nordland_gt.npy)."""
-    exact = folder / f"{name}_{kind}.npy"
-    if exact.is_file():
-        return exact
-    if not folder.is_dir():
-        return None
-    want = f"{name}_{kind}.npy".lower()
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.lower() == want and entry.is_file():
-                return Path(entry.path)
-    return None
+    """`<folder>/<name>_<kind>.npy`, matching the name case-insensitively."""
+    return _find_entry(folder, f"{name}_{kind}.npy")
 
 
 # ---------------------------------------------------------------------------------------------

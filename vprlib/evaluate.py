@@ -663,6 +663,8 @@ def evaluate(
     """
     if not isinstance(benchmark, Benchmark):
         benchmark = load_benchmark(benchmark, root=root)
+    device = _resolve_device(model, device)
+    precision = resolve_eval_precision(precision, device)  # once, for both sets and the table
     kw = dict(
         batch_size=batch_size,
         device=device,
@@ -676,5 +678,5 @@ def evaluate(
     db_desc = extract_descriptors(model, benchmark.db_paths, **kw)
     q_desc = extract_descriptors(model, benchmark.query_paths, **kw)
     results = evaluate_descriptors(db_desc, q_desc, benchmark, ks=ks, skip_empty=skip_empty)
-    results.precision = resolve_eval_precision(precision, _resolve_device(model, device))
+    results.precision = precision
     return results

@@ -179,8 +179,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     bilinear, as in the reference recipe.
     on_corrupt="error" raises on an unreadable image naming the file; "skip" takes another
     image of the same place instead. `dataframe` replaces reading the CSVs (e.g. a
-    filtered read_gsv_dataframes table; needs `place`, `path`, `year` and `month`). Copies of the dataset in
-    worker processes carry `dataframe=None` (they need only the packed paths).
+    filtered read_gsv_dataframes table; needs `place`, `path`, `year` and `month`). Copies of
+    the dataset in worker processes carry `dataframe=None` (they need only the packed paths).
     """
 
     def __init__(

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 
 # import name -> pip package, where they differ
-PIP_NAMES = {"IPython": "ipython", "PIL": "pillow"}
+PIP_NAMES = {"IPython": "ipython"}
 
 
 @contextlib.contextmanager

@@ -64,9 +64,9 @@ RESUME_MUST_MATCH = (
     "max_steps_per_epoch",
     "num_places",
     "gather_for_mining",
-    "dataset",
 )
-# Dataset settings recorded in fit_args["dataset"] (those the dataset has), for the check above.
+# Dataset settings recorded in fit_args["dataset"] (those the dataset has); a resume compares
+# those both runs recorded (a wrapper dataset may hide some).
 DATASET_SETTINGS = (
     "image_size",
     "img_per_place",
@@ -239,9 +239,8 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
     diffs = [  # keys a checkpoint of an older vprlib lacks (e.g. "dataset") are not compared
         f"{k}: checkpoint {saved[k]!r}, now {fit_args[k]!r}"
         for k in RESUME_MUST_MATCH
-        if k in saved and k != "dataset" and saved[k] != fit_args[k]
+        if k in saved and saved[k] != fit_args[k]
     ]
-    # dataset settings: those both runs show (a wrapper dataset may hide some)
     was, now = saved.get("dataset") or {}, fit_args["dataset"]
     diffs += [
         f"dataset {k}: checkpoint {was[k]!r}, now {now[k]!r}"
@@ -252,7 +251,8 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
     if saved_config != model_config:
         if isinstance(saved_config, dict) and isinstance(model_config, dict):
             diffs += [
-                f"model_config[{k!r}]: checkpoint {saved_config.get(k)!r}, now {model_config.get(k)!r}"
+                f"model_config[{k!r}]: checkpoint {saved_config.get(k)!r}, "
+                f"now {model_config.get(k)!r}"
                 for k in sorted(set(saved_config) | set(model_config))
                 if saved_config.get(k) != model_config.get(k)
             ]
@@ -355,7 +355,8 @@ def fit(
       (None: the model's `preprocess`, as `evaluate` does).
     - checkpoint_dir: writes `last.ckpt` and `history.csv` each epoch and `best.ckpt` when the
       first benchmark's R@1 improves. Checkpoints hold the model's `preprocess` with the
-      validation image size, so `load_pretrained(best.ckpt)` evaluates as validation did. resume: True continues from `last.ckpt` (error if it is missing),
+      validation image size, so `load_pretrained(best.ckpt)` evaluates as validation did.
+      resume: True continues from `last.ckpt` (error if it is missing),
       "auto" continues if it exists and starts fresh otherwise (handy on Colab).
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
       on (seed, e). Initialising the model before calling fit is the caller's business.

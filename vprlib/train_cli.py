@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--checkpoint-dir",
         default=None,
-        help="where last.ckpt, best.ckpt and history.csv go (None: no checkpoints; --resume needs it)",
+        help="where last.ckpt, best.ckpt and history.csv go "
+        "(None: no checkpoints; --resume needs it)",
     )
     o.add_argument(
         "--resume",

@@ -107,13 +107,13 @@ class FastRandAugment:
 
     Same op list, magnitudes and random draws (torch's global RNG) as
     `v2.RandAugment(num_ops, magnitude, num_magnitude_bins, interpolation)`, and the same
-    output bytes except after Shear/Rotate: translations are integer shifts done by slicing,
-    Solarize, Brightness, Posterize, AutoContrast and Equalize are 256-entry lookup tables, Sharpness sums the 3x3
-    neighbourhood in integers instead of a float convolution, Shear/Rotate run one own affine
-    warp (`_warp_affine`, a matrix per image) that rounds ~0.1% of pixels one grey level
-    apart from torchvision's (a later Solarize can turn such a pixel to the other side of its
-    threshold). Color and Contrast call torchvision. Works on any
-    device (used by the GPU path too). Input and output: uint8 [..., 3, H, W].
+    output bytes except after Shear/Rotate: translations are integer shifts done by slicing;
+    Solarize, Brightness, Posterize, AutoContrast and Equalize are 256-entry lookup tables;
+    Sharpness sums the 3x3 neighbourhood in integers instead of a float convolution;
+    Shear/Rotate run one own affine warp (`_warp_affine`, a matrix per image) that rounds
+    ~0.1% of pixels one grey level apart from torchvision's (a later Solarize can turn such a
+    pixel to the other side of its threshold); Color and Contrast call torchvision. Works on
+    any device (used by the GPU path too). Input and output: uint8 [..., 3, H, W].
     """
 
     def __init__(
