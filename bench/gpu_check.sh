@@ -35,6 +35,9 @@
 # trace_mixed_2.json.gz (a torch.profiler record of the default path, end to end: open it in
 # ui.perfetto.dev), eval.log, tests.log.
 # DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
+# PARTS="train tests" runs only those parts (default: "decoders train eval tests");
+# TRAIN_MODES / EVAL_MODES replace the scripts' --modes (eval default here: "gpu,gpu:fp32",
+# nvJPEG at bf16 and at extract_descriptors' default fp32).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -72,13 +75,18 @@ then
     fi
 fi
 
+PARTS=${PARTS:-decoders train eval tests}
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
 TRAIN_ARGS=()
-EVAL_ARGS=(--full)
+EVAL_ARGS=(--full --modes "${EVAL_MODES:-gpu,gpu:fp32}")
 DECODER_ARGS=()
 if [ "${DRY_RUN:-0}" = 1 ]; then
     TRAIN_ARGS=(--small)
-    EVAL_ARGS=(--small)
+    EVAL_ARGS=(--small --modes "${EVAL_MODES:-cpu,gpu:fp32}")
     DECODER_ARGS=(--small)
+fi
+if [ -n "${TRAIN_MODES:-}" ]; then
+    TRAIN_ARGS+=(--modes "$TRAIN_MODES")
 fi
 if ls .whl/nvimgcodec/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -87,30 +95,32 @@ if ls .whl/nvimgcodec/*.whl >/dev/null 2>&1; then
 fi
 
 status=0
-echo "== JPEG decoders (torchvision CPU / nvJPEG, nvImageCodec backends when installed)"
-timeout 45 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"} 2>&1 \
-    | tee "$LOGS/decoders.log" || status=1
-
-echo "== training throughput (full size)"
-timeout 290 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} \
-    --json "$LOGS/train.json" --trace "$LOGS" 2>&1 \
-    | tee "$LOGS/train.log" || status=1
-
-echo "== evaluation throughput (Pitts250k-test size)"
-timeout 125 python3 bench/eval_throughput.py "${EVAL_ARGS[@]}" 2>&1 \
-    | tee "$LOGS/eval.log" || status=1
-
-echo "== CUDA paths vs the CPU (tests/test_cuda.py; skipped where there is no GPU)"
-timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
-    | tee "$LOGS/tests.log" || status=1
+if wants decoders; then
+    echo "== JPEG decoders (torchvision CPU / nvJPEG, nvImageCodec backends when installed)"
+    timeout 45 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"} 2>&1 \
+        | tee "$LOGS/decoders.log" || status=1
+fi
+if wants train; then
+    echo "== training throughput (full size)"
+    timeout 290 python3 bench/train_throughput.py ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} \
+        --json "$LOGS/train.json" --trace "$LOGS" 2>&1 \
+        | tee "$LOGS/train.log" || status=1
+fi
+if wants eval; then
+    echo "== evaluation throughput (Pitts250k-test size)"
+    timeout 125 python3 bench/eval_throughput.py "${EVAL_ARGS[@]}" 2>&1 \
+        | tee "$LOGS/eval.log" || status=1
+fi
+if wants tests; then
+    echo "== CUDA paths vs the CPU (tests/test_cuda.py; skipped where there is no GPU)"
+    timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+        | tee "$LOGS/tests.log" || status=1
+fi
 
 echo
 echo "== summary (bench/RESULTS.md explains the columns)"
-sed -n '/^decoder .*images\/s/,/^$/p' "$LOGS/decoders.log"
-echo
-sed -n '/^path .*pipeline/,/^best:/p' "$LOGS/train.log"
-echo
-sed -n '/^path .*Pitts250k/,/^best:/p' "$LOGS/eval.log"
-echo
-tail -n 1 "$LOGS/tests.log"
+if wants decoders; then sed -n '/^decoder .*images\/s/,/^$/p' "$LOGS/decoders.log"; echo; fi
+if wants train; then sed -n '/^path .*pipeline/,/^best:/p' "$LOGS/train.log"; echo; fi
+if wants eval; then sed -n '/^path .*Pitts250k/,/^best:/p' "$LOGS/eval.log"; echo; fi
+if wants tests; then tail -n 1 "$LOGS/tests.log"; fi
 exit $status

@@ -18,7 +18,8 @@ RandAugment runs on the device; "mixed:0" = CPU decode + device augmentation), "
 read bytes; the device decodes, resizes, augments). The default CUDA path (decode="auto") is
 "mixed:K//2"; the verdict is given for it. A path may carry options: "/wN" (N workers),
 "/pN" (prefetch depth N), "/noaug" (no RandAugment), "/hp" (high-priority prefetch stream),
-"/2s" (decoding and augmenting in two prefetch threads), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
+"/2s" (decoding and augmenting in two prefetch threads), "/si" (Python's thread switch interval
+at 0.5 ms instead of 5 ms while the path runs), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
 A second table breaks each batch down (see `Probe`). Full-size defaults: ResNet50 cropped at
 layer4 + Conv-AP, 320x320, 100 places x 4 images, bf16 autocast, channels_last and
 torch.compile on CUDA. Model-only is measured before and after the input paths and the ratio
@@ -66,7 +67,8 @@ from vprlib.train import (  # noqa: E402
 )
 
 CITY = "Bench"
-FULL_MODES = "cpu,mixed:2,mixed:2/hp,mixed:2/2s,mixed:3,gpu,gpu/2s"
+FULL_MODES = "mixed:2,mixed:2/hp,mixed:2/si,mixed:2/2s,mixed:2/2s/hp,mixed:3,gpu/2s,cpu"
+SWITCH_INTERVAL = 0.0005  # "/si": seconds (Python's default is 0.005)
 SMALL_MODES = "cpu,mixed:2,gpu,gpu/2s/p1"
 
 
@@ -182,10 +184,20 @@ def parse_mode(spec: str) -> dict:
     """An input path, 'cpu' | 'gpu' | 'mixed:N', optionally followed by '/wW' (W DataLoader
     workers), '/pD' (device prefetch depth D), '/noaug' (no RandAugment), '/hp' (the
     prefetch stream at high CUDA priority) and '/2s' (decode and augment in two prefetch
-    threads: device_batches(stages=2)), e.g. 'mixed:2/w14/p2' -> {"dataset":
-    GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2, "priority": 0, "stages": 1}."""
+    threads: device_batches(stages=2)) and '/si' (a shorter Python thread switch interval:
+    the step's thread and the prefetch thread both launch CUDA work holding the GIL, and a
+    thread waiting for it gets it only after the holder's interval), e.g. 'mixed:2/w14/p2' ->
+    {"dataset": GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2, "priority": 0,
+    "stages": 1, "switch_interval": None}."""
     mode, *options = spec.split("/")
-    out: dict = {"dataset": {}, "workers": None, "prefetch": None, "priority": 0, "stages": 1}
+    out: dict = {
+        "dataset": {},
+        "workers": None,
+        "prefetch": None,
+        "priority": 0,
+        "stages": 1,
+        "switch_interval": None,
+    }
     if mode in ("cpu", "gpu"):
         out["dataset"]["decode"] = mode
     elif mode.startswith("mixed:") and mode[6:].isdigit():
@@ -199,11 +211,13 @@ def parse_mode(spec: str) -> dict:
             out["priority"] = -1
         elif option == "2s":
             out["stages"] = 2
+        elif option == "si":
+            out["switch_interval"] = SWITCH_INTERVAL
         elif option[:1] in ("w", "p") and option[1:].isdigit():
             out["workers" if option[0] == "w" else "prefetch"] = int(option[1:])
         else:
             raise ValueError(
-                f"unknown option {option!r} in {spec!r}: use /wN, /pN, /noaug, /hp, /2s"
+                f"unknown option {option!r} in {spec!r}: use /wN, /pN, /noaug, /hp, /2s, /si"
             )
     return out
 
@@ -343,10 +357,14 @@ def mode_loader(args, device, root: Path, spec: str, index: int):
         device,
         max_steps_per_epoch=warmup + args.steps,
     )
+    interval = sys.getswitchinterval()
     try:
+        if mode["switch_interval"] is not None:
+            sys.setswitchinterval(mode["switch_interval"])
         options = {"prefetch": prefetch, "priority": mode["priority"], "stages": mode["stages"]}
         yield (args, device, dataset, loader, sampler), warmup, options
     finally:
+        sys.setswitchinterval(interval)
         del loader, sampler
         gc.collect()  # shuts the persistent workers down
 
@@ -548,14 +566,16 @@ def report(args, first: float, last: float, rows: list[dict]) -> dict:
         print(f"{row['mode']:<16} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cores:>11}")
     best = max(rows, key=lambda r: r["ratio"])
     default = default_mode(args)
-    judged = next((r for r in rows if r["mode"] == default), best)
-    verdict = "met" if judged["ratio"] >= 0.85 else "MISSED"
-    if device.type != "cuda":
-        verdict += "; the goal is for a GPU, this ran on the CPU"
-    print(
-        f"best: {best['mode']} at {best['ratio']:.2f} of model-only; the default path "
-        f"({judged['mode']}) at {judged['ratio']:.2f} (goal >= 0.85: {verdict})"
-    )
+    judged = [r["ratio"] for r in rows if r["mode"] == default]
+    if judged:
+        verdict = "met" if min(judged) >= 0.85 else "MISSED"
+        if device.type != "cuda":
+            verdict += "; the goal is for a GPU, this ran on the CPU"
+        ratios = ", ".join(f"{r:.2f}" for r in judged)
+        default_text = f"the default path ({default}) at {ratios} (goal >= 0.85: {verdict})"
+    else:
+        default_text = f"the default path ({default}) was not measured"
+    print(f"best: {best['mode']} at {best['ratio']:.2f} of model-only; {default_text}")
     result = {
         "device": machine_summary(device),
         "settings": {

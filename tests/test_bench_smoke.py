@@ -79,13 +79,24 @@ def test_train_throughput_prints_its_ratio_table():
 def test_eval_throughput_prints_its_ratio_table():
     out = run_small("eval_throughput.py")
     rows = table_rows(out, "path img/s ratio e2e/model Pitts250k-test s")
-    assert list(rows) == ["model", "cpu", "gpu"], out
+    assert list(rows) == ["model:bf16", "cpu", "gpu"], out
     for mode in ("cpu", "gpu"):
-        assert rows[mode][0] == "decode"
-        img_s, _, pitts = (positive(v) for v in rows[mode][1:])
+        img_s, _, pitts = (positive(v) for v in rows[mode])
         assert pitts > 92_230 / img_s  # extraction of every image, plus the search
     assert re.search(r"^search \+ recall at 83,950 x 8,280: [0-9.]+ s", out, re.M), out
-    assert re.search(r"^best: \S+ decode, Pitts250k-test in [0-9]+ s", out, re.M), out
+    assert re.search(r"^best: \S+, Pitts250k-test in [0-9]+ s", out, re.M), out
+
+
+def test_eval_throughput_mode_specs():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import eval_throughput as et
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert et.parse_mode("gpu") == ("gpu", "bf16")
+    assert et.parse_mode("cpu:fp32") == ("cpu", "fp32")
+    with pytest.raises(ValueError, match="'gpu:fp8'"):
+        et.parse_mode("gpu:fp8")
 
 
 def test_jpeg_decoders_prints_a_row_per_decoder():
@@ -122,8 +133,10 @@ def test_train_throughput_mode_specs():
         "prefetch": 2,
         "priority": -1,
         "stages": 1,
+        "switch_interval": None,
     }
     assert tt.parse_mode("gpu/2s")["stages"] == 2
+    assert tt.parse_mode("mixed:2/si")["switch_interval"] == tt.SWITCH_INTERVAL < 0.005
     assert tt.parse_mode("gpu/noaug")["dataset"] == {"decode": "gpu", "augment": False}
     assert tt.parse_mode("cpu")["priority"] == 0
     for bad, message in [("tpu", "unknown mode"), ("cpu/fast", "unknown option 'fast'")]:
@@ -138,7 +151,7 @@ def test_train_throughput_traces_the_default_path(tmp_path):
             str(REPO / "bench" / "train_throughput.py"),
             "--small",
             "--modes",
-            "mixed:2",
+            "mixed:2/si",
             "--trace",
             str(tmp_path),
         ],
@@ -149,6 +162,7 @@ def test_train_throughput_traces_the_default_path(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^mixed:2/si: pipeline [0-9]+ img/s", proc.stdout, re.M), proc.stdout
     # on the CPU the default path is "cpu" (what decode="auto" picks), traced though not timed
     assert "trace of cpu: 2 steps" in proc.stdout, proc.stdout
     with gzip.open(tmp_path / "trace_cpu.json.gz", "rt") as f:
