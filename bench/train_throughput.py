@@ -15,8 +15,8 @@ Builds (in a temporary folder, or --data-dir) a GSV-Cities tree of 640x480 JPEGs
 Input paths: "cpu" (workers decode, resize and RandAugment; the device normalises),
 "mixed:N" (workers decode and resize K - N images per place, nvJPEG decodes N on the device,
 RandAugment runs on the device; "mixed:0" = CPU decode + device augmentation), "gpu" (workers
-read bytes; the device decodes, resizes, augments). The default CUDA path (decode="auto") is
-"mixed:K//2"; the verdict is given for it. A path may carry options: "/wN" (N workers),
+read bytes; the device decodes, resizes, augments). The default CUDA path (what fit does
+with decode="auto") is "gpu/2s"; the verdict is given for it. A path may carry options: "/wN" (N workers),
 "/pN" (prefetch depth N), "/noaug" (no RandAugment), "/hp" (high-priority prefetch stream),
 "/2s" (decoding and augmenting in two prefetch threads), "/si" (Python's thread switch interval
 at 0.5 ms instead of 5 ms while the path runs), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
@@ -67,7 +67,7 @@ from vprlib.train import (  # noqa: E402
 )
 
 CITY = "Bench"
-FULL_MODES = "mixed:2,mixed:2/hp,mixed:2/si,mixed:2/2s,mixed:2/2s/hp,mixed:3,gpu/2s,cpu"
+FULL_MODES = "gpu/2s,mixed:2,gpu/2s/hp,mixed:2/2s,gpu,mixed:3,cpu"
 SWITCH_INTERVAL = 0.0005  # "/si": seconds (Python's default is 0.005)
 SMALL_MODES = "cpu,mixed:2,gpu,gpu/2s/p1"
 
@@ -415,8 +415,11 @@ def trace_mode(args, device, root: Path, spec: str, index: int, trainer: Trainer
 
 
 def default_mode(args) -> str:
-    """What GSVCitiesDataset(decode="auto") picks on args.device, as a mode spec."""
-    return f"mixed:{args.img_per_place // 2}" if args.device.type == "cuda" else "cpu"
+    """What fit trains a GSVCitiesDataset(decode="auto") with on args.device, as a mode
+    spec: decode="gpu" in two preparation threads on CUDA (with a prefetch), else "cpu"."""
+    if args.device.type != "cuda":
+        return "cpu"
+    return "gpu/2s" if args.prefetch > 0 else "gpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

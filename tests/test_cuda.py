@@ -91,16 +91,24 @@ def tiny_model() -> vprlib.VPRModel:
     )
 
 
-def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path):
+def test_fit_with_the_cuda_defaults(gsv_root, bench_root, tmp_path, monkeypatch):
+    stages = []  # what fit asks of its input pipeline: two preparation threads on CUDA
+
+    def spy(*args, **kwargs):
+        stages.append(kwargs.get("stages", 1))
+        return B.device_batches(*args, **kwargs)
+
+    monkeypatch.setattr(TR, "device_batches", spy)
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = vprlib.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=0)
-    assert ds.for_device(CUDA).decode == "mixed"  # what fit trains with (decode="auto")
+    assert ds.for_device(CUDA).decode == "gpu"  # what fit trains with (decode="auto")
     short = dict(places_per_batch=8, progress=False, max_steps_per_epoch=2, warmup_steps=1)
     val = bench_root / "gsv_sample"
     history = TR.fit(model, ds, epochs=2, num_workers=2, val=val, checkpoint_dir=tmp_path, **short)
     # decode, device, precision (bf16), compile, channels_last, prefetch: all left at "auto"
     assert history["steps"].tolist() == [2, 4]
+    assert stages == [2, 2]
     assert np.isfinite(history["loss"]).all() and (history["images_per_s"] > 0).all()
     assert history["gsv_sample_R@1"].between(0, 1).all()
     assert next(model.parameters()).device.type == "cuda"

@@ -129,14 +129,14 @@ def test_decode_options_are_checked(gsv_root):
         D.GSVCitiesDataset(gsv_root, decode="auto", gpu_images=1)
 
 
-def test_auto_decode_is_cpu_items_and_mixed_for_fit_on_cuda(gsv_root, monkeypatch):
+def test_auto_decode_is_cpu_items_and_gpu_for_fit_on_cuda(gsv_root, monkeypatch):
     ds = D.GSVCitiesDataset(gsv_root, image_size=SIZE, seed=2)
     assert ds.decode == "cpu" and ds.auto_decode and "decode='auto'" in repr(ds)
     images, _ = ds[0]
     assert images.dtype == torch.uint8 and images.shape == (4, 3, *SIZE)  # plain items
     assert ds.for_device("cpu") is ds
     fast = ds.for_device("cuda")
-    assert fast is not ds and fast.decode == "mixed" and fast.gpu_images == 2
+    assert fast is not ds and fast.decode == "gpu" and fast.gpu_images == 4
     assert fast.dataframe is ds.dataframe and len(fast) == len(ds)
     assert ds.decode == "cpu" and ds[0][0].dtype == torch.uint8  # the original is unchanged
     enc, _ = fast.collate_fn([fast[i] for i in range(3)])

@@ -19,7 +19,7 @@ On one core this path gives about 2x the images/s of the reference PIL pipeline.
 
 On a GPU, RandAugment costs more CPU time than decoding (about 2x on one core), so two
 more modes move work to the device (bench/train_throughput.py compares them; with
-decode="auto", the default, `fit` trains with "mixed" on a CUDA device):
+decode="auto", the default, `fit` trains with "gpu" on a CUDA device):
 - decode="gpu": the workers only read the JPEG bytes; `batch_to_device` decodes the batch
   with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")), resizes and augments it on
   the GPU, so the CPU is no longer the bottleneck;
@@ -27,8 +27,11 @@ decode="auto", the default, `fit` trains with "mixed" on a CUDA device):
   device decodes the other gpu_images with nvJPEG, and RandAugment runs on the device for
   all of them: CPU cores and the GPU's JPEG decoder share the decoding. gpu_images=0 is
   "CPU decode, device augmentation".
-Training ResNet50 + Conv-AP on one H200 with 16 CPU cores (model alone: ~7,200 img/s):
-"mixed" ran at ~5,500 img/s end to end, "gpu" at ~5,200, "cpu" at 2,100.
+Training ResNet50 + Conv-AP on one H200 with 16 CPU cores (model alone: ~7,200 img/s), in
+one session: "gpu" ran at ~5,700 img/s end to end (with fit's two preparation threads,
+`device_batches(stages=2)`), "mixed" (gpu_images=2) at ~5,000, "cpu" at 1,800. The CPU side
+of "mixed" could not keep up: 12 workers decoding and resizing half the images left the step
+waiting.
 In both, RandAugment stays per image: each image's ops are drawn in the worker from its own
 seed (`transforms.draw_plans`) and the device applies them, grouping the images that share
 an op (`transforms.apply_plans`). The JPEG bytes of a batch travel packed in one buffer (one
@@ -264,10 +267,10 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
 
     def for_device(self, device: str | torch.device) -> GSVCitiesDataset:
         """The dataset to train with on `device` (what `fit` does with it). With decode="auto"
-        (the default) on a CUDA device: a copy with decode="mixed" (K // 2 images of each
-        place decoded by nvJPEG, RandAugment on the GPU), 2.6x the images/s of "cpu" on an
-        H200 with 16 CPU cores (bench/RESULTS.md). Otherwise (an explicit decode, a custom
-        `transform`, or another device) this dataset itself."""
+        (the default) on a CUDA device: a copy with decode="gpu" (nvJPEG decodes every
+        image, resizing and RandAugment on the GPU), 3.1x the images/s of "cpu" and 1.15x
+        those of "mixed" on an H200 with 16 CPU cores (bench/RESULTS.md). Otherwise (an
+        explicit decode, a custom `transform`, or another device) this dataset itself."""
         if not self.auto_decode or self._custom_transform is not None:
             return self
         if torch.device(device).type != "cuda":
@@ -275,7 +278,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         fast = copy.copy(self)  # shares the packed arrays; __getstate__ drops the table:
         fast.dataframe = self.dataframe  # keep it (read-only, shared)
         fast.auto_decode = False
-        fast._set_decode("mixed", None)
+        fast._set_decode("gpu", None)
         return fast
 
     # -- bookkeeping

@@ -347,9 +347,11 @@ def fit(
     - compile: True wraps the model in torch.compile; "auto" (default) does so on CUDA only
       (on CPU the compile time rarely pays off). channels_last: None = True on CUDA.
       prefetch: batches prepared ahead on a side CUDA stream while the step runs (None: 1
-      on CUDA, 0 elsewhere; see `device_batches`). On a CUDA device a GSVCitiesDataset with
-      decode="auto" (its default) is trained with decode="mixed": half of the JPEGs decoded
-      by nvJPEG and RandAugment on the GPU (`GSVCitiesDataset.for_device`; bench/RESULTS.md).
+      on CUDA, 0 elsewhere; see `device_batches`); on CUDA two threads prepare them, one
+      decoding, one augmenting (`device_batches(stages=2)`). On a CUDA device a
+      GSVCitiesDataset with decode="auto" (its default) is trained with decode="gpu": the
+      JPEGs decoded by nvJPEG, resized and RandAugmented on the GPU
+      (`GSVCitiesDataset.for_device`; bench/RESULTS.md).
     - val: a Benchmark, a name/path for `load_benchmark`, or a list of them; after each epoch
       each gets R@1/5/10 columns named `<benchmark>_R@k`. val_image_size: evaluation resize
       (None: the model's `preprocess`, as `evaluate` does).
@@ -424,6 +426,9 @@ def fit(
         precision = resolve_precision(precision, device)
         channels_last = device.type == "cuda" if channels_last is None else channels_last
         prefetch = (1 if device.type == "cuda" else 0) if prefetch is None else prefetch
+        # decoding (nvJPEG makes the host wait) and augmenting in two threads: 0.80 of the
+        # step's speed on an H200 against 0.68 in one (bench/RESULTS.md); same batches
+        stages = 2 if device.type == "cuda" and prefetch > 0 else 1
         num_workers = default_num_workers() if num_workers is None else num_workers
         ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         fit_args = {
@@ -538,7 +543,9 @@ def fit(
             )
             loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
             t0 = time.perf_counter()
-            batches = device_batches(loader, train_dataset, device, channels_last, prefetch)
+            batches = device_batches(
+                loader, train_dataset, device, channels_last, prefetch, stages=stages
+            )
             with contextlib.closing(batches):
                 for x, labels in batches:
                     images += labels.numel()  # this rank's images

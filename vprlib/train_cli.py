@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode",
         choices=("auto", "cpu", "gpu", "mixed"),
         default="auto",
-        help="where JPEGs are decoded and augmented (auto: mixed on CUDA, else cpu)",
+        help="where JPEGs are decoded and augmented (auto: gpu on CUDA, else cpu)",
     )
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet50", help="a torchvision ResNet name")
