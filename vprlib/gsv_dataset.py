@@ -169,7 +169,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
     decode="mixed": the workers decode and resize K - gpu_images images per place (default
     gpu_images = K // 2), the device decodes the rest and augments all (see the module
     docstring). decode="auto" (default) behaves as "cpu" (items are uint8 images) and lets
-    `fit` switch to "mixed" on a CUDA device (`for_device`). All modes give the same images
+    `fit` switch to "gpu" on a CUDA device (`for_device`). All modes give the same images
     on the CPU; on a GPU nvJPEG rounds a grey level or two differently. Use `collate_fn` in
     the DataLoader and `batch_to_device` on each batch.
     Items depend only on (seed, epoch, index): in your own loop call `set_epoch(e)` before
@@ -304,7 +304,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         return state
 
     def __repr__(self) -> str:
-        decode = "'auto' (cpu; mixed under fit on CUDA)" if self.auto_decode else repr(self.decode)
+        decode = "'auto' (cpu; gpu under fit on CUDA)" if self.auto_decode else repr(self.decode)
         return (
             f"GSVCitiesDataset({len(self)} places, {self.num_images} images, "
             f"K={self.img_per_place}, size={self.image_size}, decode={decode}"
