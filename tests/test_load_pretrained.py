@@ -525,3 +525,120 @@ def test_gdrive_path_lists_folder_and_streams_the_named_file(tmp_path, monkeypat
     with pytest.raises(FileNotFoundError, match=r"resnet50_ConvAP_1024_2x2.ckpt not found"):
         fetch_released("convap-4096", folder=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
+
+
+def test_fresh_download_replaces_a_stale_record(tmp_path, server):
+    """A record pinned to a broken file must not refuse the good file downloaded after the
+    broken one was deleted: the fresh download writes its own record."""
+    base, handler = server
+    good = checkpoint_bytes(40_000)
+    handler.routes["/w.ckpt"] = (good, None)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / "resnet50_ConvAP_128_2x2.ckpt"
+    sidecar_path(path).write_text(json.dumps({"file": path.name, "size": 5, "sha256": "0" * 64}))
+    assert fetch_released("convap-512", url=base + "/w.ckpt", folder=cache) == path
+    record = json.loads(sidecar_path(path).read_text())
+    assert record == {
+        "file": path.name,
+        "size": len(good),
+        "sha256": hashlib.sha256(good).hexdigest(),
+    }
+    assert fetch_released("convap-512", folder=cache) == path  # and it verifies later
+
+
+def test_a_broken_file_in_the_cache_is_not_recorded(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / "resnet50_ConvAP_128_2x2.ckpt"
+    path.write_bytes(checkpoint_bytes(40_000)[:90_000])  # a partial copy put there by hand
+    with pytest.raises(
+        ValueError, match=r"resnet50_ConvAP_128_2x2.ckpt is in the checkpoint cache"
+    ):
+        fetch_released("convap-512", folder=cache)
+    assert not sidecar_path(path).exists()
+    path.write_bytes(checkpoint_bytes(40_000))  # the whole file: recorded on first use
+    fetch_released("convap-512", folder=cache)
+    assert json.loads(sidecar_path(path).read_text())["size"] == path.stat().st_size
+
+
+def test_read_only_cache_is_used_without_a_record(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = cache / "resnet50_ConvAP_128_2x2.ckpt"
+    path.write_bytes(checkpoint_bytes(40_000))
+    import vprlib.download as dl
+
+    def refuse(side, text):
+        raise PermissionError(13, "Permission denied", str(side))
+
+    monkeypatch.setattr(dl, "atomic_write_text", refuse)  # as in a read-only folder
+    with pytest.warns(UserWarning, match=r"could not write the integrity record .*\.ckpt\.json"):
+        assert fetch_released("convap-512", folder=cache) == path
+    assert not sidecar_path(path).exists()
+
+
+def test_stale_temporary_downloads_are_removed(tmp_path, server):
+    base, handler = server
+    handler.routes["/w.ckpt"] = (checkpoint_bytes(40_000), None)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = cache / ".resnet50_ConvAP_128_2x2.ckpt.abc123.tmp"  # a download killed long ago
+    young = cache / ".resnet50_ConvAP_128_2x2.ckpt.def456.tmp"  # maybe still running
+    other = cache / ".resnet18-f37072fd.pth.xyz.tmp"  # not ours
+    for f in (old, young, other):
+        f.write_bytes(b"x" * 100)
+    day_ago = os.path.getmtime(old) - 2 * 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    os.utime(other, (day_ago, day_ago))
+    fetch_released("convap-512", url=base + "/w.ckpt", folder=cache, progress=False)
+    assert not old.exists() and young.exists() and other.exists()
+
+
+@pytest.mark.parametrize(
+    ("route", "error"),
+    [("/missing", r"download of http://127\.0\.0\.1:\d+/missing failed: HTTPError: .*404")],
+)
+def test_http_errors_name_the_url(tmp_path, server, route, error):
+    base, _ = server
+    with pytest.raises(OSError, match=error):
+        fetch_released("convap-512", url=base + route, folder=tmp_path, progress=False)
+
+
+def test_connection_refused_names_the_url(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/w.ckpt"
+    with pytest.raises(OSError, match=rf"download of {url} failed: URLError"):
+        fetch_released("convap-512", url=url, folder=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("cut", [200, 20_000, 50_000])
+def test_truncated_small_checkpoint_error_names_the_file(tmp_path, cut):
+    """Small cut zip files make torch.load raise OSError (Errno 22) or struct.error: still a
+    ValueError that names the file."""
+    path = tmp_path / "small.ckpt"
+    path.write_bytes(checkpoint_bytes(30_000)[:cut])
+    with pytest.raises(ValueError, match=r"small.ckpt is not a readable PyTorch checkpoint"):
+        load_pretrained(path)
+
+
+def test_checkpoint_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = VPRModel("resnet18", layers_to_crop=[4], agg="gem")
+    model.save(tmp_path / "m.ckpt")
+    loaded = load_pretrained("~/m.ckpt")
+    assert loaded.config["agg"] == "gem"
+
+
+def test_whole_vpr_checkpoint_as_imagenet_weights_points_to_load_pretrained(tmp_path):
+    path = tmp_path / "vpr.ckpt"
+    VPRModel("resnet18", layers_to_crop=[4], agg="gem").save(path)
+    with pytest.raises(
+        ValueError, match=r"in .*vpr.ckpt .*whole VPR model.*load_pretrained"
+    ) as err:
+        VPRModel("resnet18", pretrained=path)
+    assert len(str(err.value)) < 600  # not pages of missing keys

@@ -5,9 +5,12 @@ downloads one, once, into `torch.hub.get_dir()/checkpoints/` (the folder torch.h
 torchvision use), through a temporary file renamed only when complete, so an interrupted
 download never leaves a truncated file in the cache.
 
-Integrity: the first time a cached file is used, its size and SHA-256 are recorded in a
-sidecar `<file>.json`; every later use checks the file against it and a mismatch raises,
-naming the file. (Trust on first use: no hashes of the released files are published.)
+Integrity: a fresh download's size and SHA-256 are recorded in a sidecar `<file>.json`
+(replacing any older record); a file found in the cache without a record is recorded once it
+reads as a checkpoint. Every later use checks the file against its record and a mismatch
+raises, naming the file. (Trust on first use: no hashes of the released files are
+published.) A read-only cache is used as it is: without a record, with a warning.
+Temporary files of downloads killed more than a day ago are removed before a new download.
 
 Tests and mirrors: pass `url=` to download with plain urllib from any HTTP server instead of
 Drive, or `downloader=` for a custom fetcher. gdown is only needed for the Drive path and is
@@ -22,7 +25,9 @@ import http.client
 import json
 import os
 import pickle
+import time
 import urllib.request
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -89,18 +94,40 @@ def fetch_released(
     filename = canonical + ".ckpt"
     path = Path(folder) if folder is not None else cache_dir()
     path = path / filename
-    if not path.exists():
-        if url is not None and downloader is not None:
-            raise ValueError("pass either url or downloader, not both")
-        if url is not None:
-            write = functools.partial(http_download, url, progress=progress)
-        elif downloader is not None:
-            write = functools.partial(downloader, filename)
-        else:
-            write = functools.partial(gdrive_download, filename, progress=progress)
-        download_to(path, write, check=_readable_checkpoint)
-    verify_or_record(path)
+    if path.exists():
+        verify_or_record(path, check=_cached_checkpoint)
+        return path
+    if url is not None and downloader is not None:
+        raise ValueError("pass either url or downloader, not both")
+    if url is not None:
+        write = functools.partial(http_download, url, progress=progress)
+    elif downloader is not None:
+        write = functools.partial(downloader, filename)
+    else:
+        write = functools.partial(gdrive_download, filename, progress=progress)
+    remove_stale_downloads(path)
+    download_to(path, write, check=_readable_checkpoint)
+    write_record(path)  # the file just downloaded and checked; an older record would refuse it
     return path
+
+
+STALE_DOWNLOAD_S = 24 * 3600
+
+
+def remove_stale_downloads(path: str | os.PathLike, older_than_s: float = STALE_DOWNLOAD_S) -> None:
+    """Remove the temporary files (`.<name>.*.tmp`) that downloads of `path` killed without
+    cleaning up (SIGKILL, power loss) left beside it, if untouched for `older_than_s`: up to
+    a whole checkpoint each. Younger ones may belong to a download still running."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except FileNotFoundError:
+            continue
 
 
 def download_to(
@@ -123,6 +150,18 @@ def download_to(
     return path
 
 
+def _cached_checkpoint(path: Path) -> None:
+    """Refuse to record a file found in the cache (copied there by hand, say) that does not
+    read as a checkpoint: recording it would pin a broken file."""
+    try:
+        safe_torch_load(path)
+    except (ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"{path} is in the checkpoint cache but is not a readable checkpoint; delete it "
+            f"(a download starts afresh) or replace it with the whole file. Loader said: {e}"
+        ) from e
+
+
 def _readable_checkpoint(tmp: Path) -> None:
     """Refuse a download that is not a whole PyTorch checkpoint: a server that closed early
     without a Content-Length, or an HTML page (Drive's quota or sign-in page) in its place."""
@@ -139,7 +178,8 @@ def _readable_checkpoint(tmp: Path) -> None:
 def http_download(url: str, f: IO[bytes], progress: bool = True, timeout: float = 60.0) -> int:
     """Stream `url` into the open binary file `f`; returns the byte count.
 
-    Raises OSError when the server sends fewer (or more) bytes than its Content-Length.
+    Raises OSError naming the URL when the server cannot be reached or answers with an
+    error, and when it sends fewer (or more) bytes than its Content-Length.
     """
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -160,6 +200,8 @@ def http_download(url: str, f: IO[bytes], progress: bool = True, timeout: float 
                     bar.close()
     except http.client.IncompleteRead as e:
         raise OSError(f"download of {url} ended early: {e}") from e
+    except (OSError, http.client.HTTPException) as e:  # HTTP errors, refused, timeouts
+        raise OSError(f"download of {url} failed: {type(e).__name__}: {e}") from e
     if expected is not None and received != expected:
         raise OSError(
             f"download of {url} incomplete: got {received} bytes, Content-Length {expected}"
@@ -209,17 +251,37 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def verify_or_record(path: str | os.PathLike) -> dict[str, int | str]:
-    """Check `path` against its sidecar record, or write the record if there is none.
+def write_record(path: str | os.PathLike) -> dict[str, int | str]:
+    """Write (or replace) the sidecar size/SHA-256 record of `path`; returns the digest. A
+    folder that cannot be written (a shared read-only cache) gets a warning, no record."""
+    path = Path(path)
+    digest = file_digest(path)
+    side = sidecar_path(path)
+    try:
+        atomic_write_text(side, json.dumps({"file": path.name, **digest}, indent=1) + "\n")
+    except OSError as e:
+        warnings.warn(
+            f"could not write the integrity record {side} ({e}); using {path} without one",
+            stacklevel=3,
+        )
+    return digest
+
+
+def verify_or_record(
+    path: str | os.PathLike, check: Callable[[Path], None] | None = None
+) -> dict[str, int | str]:
+    """Check `path` against its sidecar record, or, if there is none, run `check(path)`
+    (which raises for a file not worth recording) and write the record.
 
     Raises ValueError naming the file when its size or SHA-256 differs from the record.
     """
     path = Path(path)
-    digest = file_digest(path)
     side = sidecar_path(path)
     if not side.exists():
-        atomic_write_text(side, json.dumps({"file": path.name, **digest}, indent=1) + "\n")
-        return digest
+        if check is not None:
+            check(path)
+        return write_record(path)
+    digest = file_digest(path)
     try:
         record = json.loads(side.read_text())
         expected = {"size": int(record["size"]), "sha256": str(record["sha256"])}
@@ -230,6 +292,6 @@ def verify_or_record(path: str | os.PathLike) -> dict[str, int | str]:
             f"{path} does not match its recorded size/SHA-256 in {side} "
             f"(recorded {expected['size']} bytes sha256 {expected['sha256'][:16]}..., "
             f"found {digest['size']} bytes sha256 {str(digest['sha256'])[:16]}...): the file "
-            "changed or is corrupt; delete both files to download it again"
+            "changed or is corrupt; delete it to download it again (the record is replaced)"
         )
     return digest

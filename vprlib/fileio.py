@@ -74,10 +74,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     never runs; a truncated or foreign file raises ValueError.
     """
     import pickle
+    import struct
 
     import torch
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
@@ -91,8 +92,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
             f"Loader said: {' '.join(detail)}"
         ) from e
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:  # what torch.load raises on an
-        # empty, truncated or foreign file, depending on where the bytes stop making sense
+    except PermissionError:
+        raise  # names the file already, and is no sign of a bad file
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, struct.error) as e:
+        # what torch.load raises on an empty, truncated or foreign file, depending on where
+        # the bytes stop making sense (OSError "Invalid argument": a small cut zip file)
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint (truncated?): {type(e).__name__}: {e}"
         ) from e

@@ -96,7 +96,7 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"layers_to_freeze must be an int in -1..4, got {layers_to_freeze!r}")
         model = BACKBONES[name][0](weights=None)
         if pretrained is not False:
-            _load_strict_torchvision(model, imagenet_state_dict(name, pretrained), name)
+            _load_strict_torchvision(model, imagenet_state_dict(name, pretrained), name, pretrained)
         del model.avgpool, model.fc
         for i in crop:
             delattr(model, f"layer{i}")
@@ -284,8 +284,15 @@ def imagenet_state_dict(name: str, pretrained: bool | str | os.PathLike) -> dict
             return torch.hub.load_state_dict_from_url(
                 url, map_location="cpu", progress=True, weights_only=True
             )
-        except OSError as e:
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
             filename = url.rsplit("/", 1)[-1]
+            cached = cache_dir() / filename
+            if cached.is_file():  # there, so the download was not the problem: the file is
+                raise ValueError(
+                    f"the ImageNet weights of {name} in {cached} are not a readable PyTorch "
+                    f"file (a truncated copy?): {type(e).__name__}: {e}. Delete it (it is "
+                    "downloaded again) or copy the whole file"
+                ) from e
             raise RuntimeError(
                 f"could not download the ImageNet weights of {name} from {url} ({e}). "
                 f"Offline? Put {filename} in the torch hub checkpoints folder {cache_dir()}, or "
@@ -297,12 +304,21 @@ def imagenet_state_dict(name: str, pretrained: bool | str | os.PathLike) -> dict
     raise ValueError(f"pretrained must be True, False or a file path, got {pretrained!r}")
 
 
-def _load_strict_torchvision(model: nn.Module, state: dict, name: str) -> None:
+def _load_strict_torchvision(
+    model: nn.Module, state: dict, name: str, source: bool | str | os.PathLike = True
+) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
+        where = "" if source is True else f" in {source}"
+        if any(str(k).startswith(("backbone.", "aggregator.")) for k in state):
+            raise ValueError(  # a whole VPR model: the key listing would run to pages
+                f"the pretrained weights{where} are not a torchvision {name} state dict: they "
+                "look like a whole VPR model's weights (backbone./aggregator. keys). Load "
+                "them with vprlib.load_pretrained(path), not as ImageNet weights"
+            ) from None
         raise ValueError(
-            f"the pretrained weights are not a torchvision {name} state dict: {e}"
+            f"the pretrained weights{where} are not a torchvision {name} state dict: {e}"
         ) from e
 
 
@@ -549,7 +565,7 @@ def _warn_if_renamed_bicubic(path: Path, config: dict, kw: dict) -> None:
 
 
 def _resolve_checkpoint(name_or_path: str | os.PathLike, url: str | None, progress: bool) -> Path:
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     canonical = released_name(str(name_or_path))
