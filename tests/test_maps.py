@@ -128,6 +128,9 @@ def test_rows_without_coordinates_are_named_and_one_point_has_an_area():
     ):
         with pytest.raises(ValueError, match=r"5 rows have no lat/lon \(NaN\), in places \[1\]"):
             draw(df)
+    # a bad row in another city or place does not stop this one's map
+    assert "59.91" in _render(maps.city_map(df, "OSL"))
+    assert "48.87" in _render(maps.place_map(df, 2))
     html = _render(maps.city_map(_df(), "OSL"))  # one place: the view must not be a point
     (south, west), (north, east) = json.loads(
         re.search(r"fitBounds\(\s*(\[\[.*?\]\])", html, re.S)[1]

@@ -167,6 +167,13 @@ def test_plot_history_panels_and_values():
         plots.plot_history(history[["epoch"]])
     with pytest.raises(ValueError, match="no rows"):
         plots.plot_history(history.iloc[:0])
+    tiny = history.assign(**{"val_R@1": [0.4, 0.6, 0.9]})  # percent, all below 1
+    fig = plots.plot_history(tiny, recall_unit="percent")
+    np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), [0.4, 0.6, 0.9])
+    with pytest.raises(ValueError, match=r"'val_R@1' has values above 1.*recall_unit='percent'"):
+        plots.plot_history(history.assign(**{"val_R@1": [25.0, 50.0, 75.0]}))
+    with pytest.raises(ValueError, match="recall_unit must be"):
+        plots.plot_history(history, recall_unit="%")
 
 
 def test_plot_recalls_percent_curves():
@@ -198,6 +205,11 @@ def test_plot_size_vs_recall_sorted_by_size():
     _has_text(fig)
     with pytest.raises(KeyError, match="dim"):
         plots.plot_size_vs_recall(table, size_col="dim")
+    assert ax.get_ylabel() == "recall@1 (%)" and ax.get_title() == "Descriptor size vs recall@1"
+    ax = plots.plot_size_vs_recall(table, recall_cols=["MSLS R@5"]).axes[0]
+    assert ax.get_ylabel() == "recall@5 (%)" and ax.get_title() == "Descriptor size vs recall@5"
+    ax = plots.plot_size_vs_recall(table, recall_cols=["MSLS R@1", "MSLS R@10"]).axes[0]
+    assert ax.get_ylabel() == "recall (%)"
 
 
 def test_plot_compare_bars_and_time_panel():
@@ -253,7 +265,8 @@ def test_save_figure_writes_png(tmp_path):
 def test_plot_failure_distances_skips_nan():
     fig = plots.plot_failure_distances([30.0, 120.0, np.nan, 80.0], bins=4)
     ax = fig.axes[0]
-    assert sum(_bar_heights(ax)) == 3 and "3 failures" in ax.get_title()
+    assert sum(_bar_heights(ax)) == 3 and "(3 of 4 failures have coordinates)" in ax.get_title()
+    assert "(2 failures)" in plots.plot_failure_distances([30.0, 120.0]).axes[0].get_title()
     _has_text(fig)
     lines = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
     assert [tuple(ln.get_xdata()) for ln in lines] == [(25.0, 25.0)]

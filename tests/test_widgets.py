@@ -2,6 +2,7 @@
 
 import base64
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
@@ -87,6 +88,24 @@ def test_place_browser_rejects_bad_input(gsv):
         widgets.place_browser(df.drop(columns=["path"]), root)
     with pytest.raises(FileNotFoundError, match="missing"):
         widgets.place_browser(df, root / "missing")
+    with pytest.raises(KeyError, match="panoid"):
+        widgets.place_browser(df.drop(columns=["panoid"]), root)
+
+
+def test_place_browser_shows_a_render_error_and_keeps_no_stale_figure(gsv):
+    df, root = gsv
+    (root / df.loc[df["place"] == 0, "path"].iloc[0]).unlink()  # one PRS image is gone
+    box = widgets.place_browser(df, root)
+    assert box.last_figure is not None  # OSL, complete
+    before = plt.get_fignums()
+    box.controls["city"].value = "PRS"  # place 0: its figure cannot be drawn
+    assert box.last_figure is None
+    (shown,) = box.output.outputs
+    html = shown["data"]["text/html"]
+    assert "cannot show place 0" in html and "image not found" in html and "PRS_0_0.jpg" in html
+    assert plt.get_fignums() == before  # the half-drawn figure was closed
+    box.controls["place"].value = 1  # a complete place shows again
+    assert box.last_figure is not None and len(box.output.outputs) == 2
 
 
 def _results(tmp_path, latlon=True):
@@ -149,3 +168,16 @@ def test_retrieval_browser_without_coordinates_or_failures(tmp_path):
     assert box.current_query is None and "No failures" in box.children[1].value
     with pytest.raises(ValueError, match="k must be in 1..3"):
         widgets.retrieval_browser(results, None, k=4)
+
+
+def test_retrieval_browser_shows_a_render_error_for_the_new_query(tmp_path):
+    results, bench = _results(tmp_path)
+    Path(results.query_paths[1]).unlink()
+    box = widgets.retrieval_browser(results, bench, k=2)
+    before = plt.get_fignums()
+    box.controls["query"].value = 1
+    assert box.current_query == 1 and box.last_figure is None
+    (shown,) = box.output.outputs  # no stale figure of query 0 beside the new info line
+    assert "cannot show query 1" in shown["data"]["text/html"]
+    assert "query 1" in box.children[1].value
+    assert plt.get_fignums() == before

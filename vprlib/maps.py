@@ -92,11 +92,11 @@ def city_map(df: pd.DataFrame, city: str):
         from folium.plugins import FastMarkerCluster, HeatMap
 
     _require_columns(df, ["city_id", "place", "lat", "lon"], "city_map")
-    _require_coordinates(df, "city_map")
     sub = df[df["city_id"] == city]
     if sub.empty:
         known = sorted(df["city_id"].unique().tolist())
         raise KeyError(f"city_map: no rows with city_id == {city!r}; known cities: {known}")
+    _require_coordinates(sub, "city_map")  # this city's rows: a bad row elsewhere is no matter
     places = place_centres(sub).reset_index()
     lat = places["lat"].round(_DECIMALS).to_numpy()
     lon = places["lon"].round(_DECIMALS).to_numpy()
@@ -128,10 +128,10 @@ def place_map(df: pd.DataFrame, place: int, arrow_m: float = 15.0):
         import folium
 
     _require_columns(df, ["place", "lat", "lon", "year", "month", "northdeg"], "place_map")
-    _require_coordinates(df, "place_map")
     sub = df[df["place"] == place].sort_values(["year", "month"])
     if sub.empty:
         raise KeyError(f"place_map: no rows with place == {place!r}")
+    _require_coordinates(sub, "place_map")
     m = folium.Map(location=[float(sub["lat"].mean()), float(sub["lon"].mean())], zoom_start=19)
     for row in sub.itertuples(index=False):
         lat, lon = round(float(row.lat), _DECIMALS), round(float(row.lon), _DECIMALS)

@@ -8,9 +8,11 @@ backend shows it once; `save_figure(fig, "../figures/x.png")` writes it atomical
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,17 @@ def _load_rgb(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@contextlib.contextmanager
+def closed_on_error(fig) -> Iterator[None]:
+    """Close `fig` if filling it fails (a missing image, say), so no half-drawn figure is left
+    open to show up under a later notebook cell."""
+    try:
+        yield
+    except BaseException:
+        _pyplot().close(fig)
+        raise
+
+
 def _frame(ax, colour: str, width: float = 5.0) -> None:
     """Colour the four spines of an image axis: the green/red/blue frame."""
     ax.set_xticks([])
@@ -248,7 +261,8 @@ def plot_retrieval(
     k = len(topk_paths)
     plt = _pyplot()
     fig, axes = plt.subplots(1, k + 1, figsize=(2.4 * (k + 1), 2.6), squeeze=False)
-    _retrieval_row(axes[0], query_path, topk_paths, correct, distances)
+    with closed_on_error(fig):
+        _retrieval_row(axes[0], query_path, topk_paths, correct, distances)
     axes[0, 0].set_xlabel("query image", fontsize=8)
     axes[0, 1].set_xlabel(
         "retrieved, nearest first (d = squared L2 descriptor distance)", fontsize=8, loc="left"
@@ -268,19 +282,20 @@ def plot_retrieval_grid(results, query_indices: Sequence[int], k: int = 5):
     plt = _pyplot()
     n = len(query_indices)
     fig, axes = plt.subplots(n, k + 1, figsize=(2.2 * (k + 1), 2.4 * n), squeeze=False)
-    for row, q in enumerate(query_indices):
-        preds = results.predictions[q, :k]
-        _retrieval_row(
-            axes[row],
-            results.query_paths[q],
-            [results.db_paths[i] for i in preds],
-            results.correct[q, :k],
-            results.distances[q, :k],
-            query_label=f"query {q}",
-        )
+    with closed_on_error(fig):
+        for row, q in enumerate(query_indices):
+            preds = results.predictions[q, :k]
+            _retrieval_row(
+                axes[row],
+                results.query_paths[q],
+                [results.db_paths[i] for i in preds],
+                results.correct[q, :k],
+                results.distances[q, :k],
+                query_label=f"query {q}",
+            )
     fig.suptitle(
-        f"{results.benchmark}: queries (blue) and their top-{k}, green = positive (within the "
-        "distance threshold), red = wrong; d = squared L2 descriptor distance"
+        f"{results.benchmark}: queries (blue) and their top-{k}, green = positive (by the "
+        "benchmark's ground truth), red = wrong; d = squared L2 descriptor distance"
     )
     fig.tight_layout()
     return fig
@@ -289,14 +304,17 @@ def plot_retrieval_grid(results, query_indices: Sequence[int], k: int = 5):
 # ---------------------------------------------------------------- training and evaluation
 
 
-def plot_history(history: pd.DataFrame):
+def plot_history(history: pd.DataFrame, recall_unit: str = "fraction"):
     """Training curves per epoch: loss, batch accuracy, learning rate and validation recall.
 
     The `epoch` column is 0-based as `fit` writes it and is drawn 1-based (epoch 1 = first).
 
     Plots each of `loss`, `b_acc`, `lr` that is present, plus every column whose name
-    contains "R@" (validation recall, drawn in percent if given as a fraction).
+    contains "R@" (validation recall, drawn in percent). `recall_unit`: "fraction" (what
+    `fit` writes, 0..1) or "percent" (a table of your own in 0..100).
     """
+    if recall_unit not in ("fraction", "percent"):
+        raise ValueError(f"recall_unit must be 'fraction' or 'percent', got {recall_unit!r}")
     if len(history) == 0:
         raise ValueError("plot_history: the history has no rows (no epoch finished)")
     # fit writes 0-based epochs; show them 1-based like its progress bar ("epoch 1/2").
@@ -332,8 +350,12 @@ def plot_history(history: pd.DataFrame):
         ax = axes[0, -1]
         for col in recall_cols:
             values = history[col].to_numpy(dtype=float)
-            finite = values[np.isfinite(values)]
-            if finite.size and finite.max() <= 1.0:
+            if recall_unit == "fraction":
+                if np.nanmax(values, initial=0.0) > 1.0:
+                    raise ValueError(
+                        f"plot_history: column {col!r} has values above 1, so it is not a "
+                        "fraction; pass recall_unit='percent'"
+                    )
                 values = values * 100.0
             ax.plot(x, values, marker="o", label=str(col))
         ax.set_title("validation recall")
@@ -386,12 +408,12 @@ def plot_size_vs_recall(
     table: pd.DataFrame,
     size_col: str = "descriptor_dim",
     recall_cols: Sequence[str] | None = None,
-    title: str = "Descriptor size vs recall@1",
+    title: str | None = None,
 ):
     """Descriptor size (log scale) against recall, one line per benchmark column.
 
     `recall_cols` defaults to the columns whose name ends with "R@1" (values in percent; not
-    R@10 or R@15).
+    R@10 or R@15). The axis and default title name the K of the columns' "R@K" endings.
     """
     _require_columns(table, [size_col], "plot_size_vs_recall")
     cols = (
@@ -411,9 +433,12 @@ def plot_size_vs_recall(
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(int(s)) for s in sizes])
     ax.minorticks_off()
-    ax.set_title(title)
+    endings = [re.search(r"R@(\d+)\s*$", str(c)) for c in cols]
+    ks = {m[1] for m in endings if m}
+    recall = f"recall@{ks.pop()}" if len(ks) == 1 and all(endings) else "recall"
+    ax.set_title(title if title is not None else f"Descriptor size vs {recall}")
     ax.set_xlabel("descriptor dimension (log scale)")
-    ax.set_ylabel("recall@1 (%)")
+    ax.set_ylabel(f"{recall} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -492,7 +517,10 @@ def plot_failure_distances(metres, bins: int = 20, threshold_m: float | None = 2
             ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no failures with known coordinates", ha="center", transform=ax.transAxes)
-    ax.set_title(f"Wrong top-1 matches: distance to the query ({finite.size} failures)")
+    counted = f"{finite.size} failures"
+    if finite.size < values.size:
+        counted = f"{finite.size} of {values.size} failures have coordinates"
+    ax.set_title(f"Wrong top-1 matches: distance to the query ({counted})")
     ax.set_xlabel("distance between query and wrong top-1 (m)")
     ax.set_ylabel("number of queries")
     _integer_y(ax)

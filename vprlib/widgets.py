@@ -37,6 +37,15 @@ def _figure_image(fig):
     return Image(data=png, format="png")
 
 
+def _error_html(html, what: str, error: BaseException):
+    """The error of a render, shown where the figure would be: a widget callback's exception
+    would otherwise go to the log console, unseen, with the previous figure still shown."""
+    import html as html_text
+
+    message = html_text.escape(f"{type(error).__name__}: {error}")
+    return html(f"<b style='color:#b00'>cannot show {what}:</b> <code>{message}</code>")
+
+
 # ---------------------------------------------------------------- GSV-Cities places
 
 
@@ -54,11 +63,12 @@ def place_figure(df: pd.DataFrame, root: str | os.PathLike, place: int, max_imag
     fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.3 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, rows.itertuples(index=False), strict=False):
-        ax.imshow(plots._load_rgb(Path(root) / row.path))
-        ax.set_title(
-            f"{row.year:04d}-{row.month:02d}  heading {int(row.northdeg) % 360}°", fontsize=8
-        )
+    with plots.closed_on_error(fig):
+        for ax, row in zip(axes.flat, rows.itertuples(index=False), strict=False):
+            ax.imshow(plots._load_rgb(Path(root) / row.path))
+            ax.set_title(
+                f"{row.year:04d}-{row.month:02d}  heading {int(row.northdeg) % 360}°", fontsize=8
+            )
     city = rows["city_id"].iloc[0]
     fig.suptitle(f"{city}, place {place}: {len(rows)} images, oldest first")
     fig.tight_layout()
@@ -69,14 +79,17 @@ def place_browser(df: pd.DataFrame, root: str | os.PathLike):
     """City dropdown -> place dropdown -> the place's images sorted by date, with metadata.
 
     `df` comes from `read_gsv_dataframes(root)` (needs city_id, place, year, month, northdeg,
-    lat, lon, path); `root` is the GSV-Cities folder the `path` column is relative to.
+    lat, lon, panoid, path); `root` is the GSV-Cities folder the `path` column is relative
+    to. A place whose images cannot be shown (a missing file) shows the error instead.
     """
     with needs("vprlib.widgets.place_browser", "ipywidgets", "IPython"):
         import ipywidgets as W
         from IPython.display import HTML
 
     plots._require_columns(
-        df, ["city_id", "place", "year", "month", "northdeg", "lat", "lon", "path"], "place_browser"
+        df,
+        ["city_id", "place", "year", "month", "northdeg", "lat", "lon", "panoid", "path"],
+        "place_browser",
     )
     if df.empty:
         raise ValueError("place_browser: the DataFrame has no rows")
@@ -98,10 +111,15 @@ def place_browser(df: pd.DataFrame, root: str | os.PathLike):
 
     def render(change=None) -> None:
         place = place_dd.value
+        box.last_figure = None
         if place is None:
             _show(output, HTML("<i>no place selected</i>"))
             return
-        fig = place_figure(df, root, place)
+        try:
+            fig = place_figure(df, root, place)
+        except (OSError, ValueError) as e:  # a missing or unreadable image: say which
+            _show(output, _error_html(HTML, f"place {place}", e))
+            return
         box.last_figure = fig
         rows = df[df["place"] == place].sort_values(["year", "month"])
         table = rows[["year", "month", "northdeg", "lat", "lon", "panoid", "path"]]
@@ -135,7 +153,8 @@ def retrieval_browser(results, benchmark=None, k: int = 5):
 
     `results` is an EvalResults (predictions, distances, correct, query_paths, db_paths);
     `benchmark` (optional) supplies `query_latlon` / `db_latlon` for the folium map.
-    Controls: query slider, K slider, "only failures" (queries whose top-1 is wrong).
+    Controls: query slider, K slider, "only failures" (queries whose top-1 is wrong). A query
+    whose images cannot be shown (a missing file) shows the error instead.
     """
     with needs("vprlib.widgets.retrieval_browser", "ipywidgets", "IPython"):
         import ipywidgets as W
@@ -180,6 +199,7 @@ def retrieval_browser(results, benchmark=None, k: int = 5):
         q = int(chosen[min(query_sl.value, len(chosen) - 1)])
         kk = k_sl.value
         box.current_query = q
+        box.last_figure = None
         preds = np.asarray(results.predictions[q, :kk])
         ok = correct[q, :kk]
         first = _first_hit_rank(correct[q])
@@ -188,13 +208,17 @@ def retrieval_browser(results, benchmark=None, k: int = 5):
             f"query {q} ({query_sl.value + 1} of {len(chosen)} shown), "
             f"top-1 {'correct' if ok[0] else 'wrong'}, {first_txt}"
         )
-        fig = plots.plot_retrieval(
-            results.query_paths[q],
-            [results.db_paths[i] for i in preds],
-            ok,
-            np.asarray(results.distances[q, :kk]),
-            title=f"{results.benchmark}, query {q}: top-{kk} (green = positive, red = wrong)",
-        )
+        try:
+            fig = plots.plot_retrieval(
+                results.query_paths[q],
+                [results.db_paths[i] for i in preds],
+                ok,
+                np.asarray(results.distances[q, :kk]),
+                title=f"{results.benchmark}, query {q}: top-{kk} (green = positive, red = wrong)",
+            )
+        except (OSError, ValueError) as e:  # a missing or unreadable image: say which
+            _show(output, _error_html(HTML, f"query {q}", e))
+            return
         box.last_figure = fig
         shown = [_figure_image(fig)]
         if latlon is not None:
