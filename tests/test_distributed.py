@@ -282,3 +282,131 @@ def test_readme_shows_the_command_the_tests_launch(repo_root):
 
     known = {s for a in build_parser()._actions for s in a.option_strings}
     assert flags and set(flags) <= known, set(flags) - known
+
+
+# ----------------------------------------------------------------------------------------------
+# Review fixes: the padded tail under gather_for_mining, resume checks, loss parameters
+
+
+@pytest.mark.parametrize("n,world", [(37, 2), (37, 4), (35, 4), (32, 4), (5, 4), (40, 1)])
+def test_tail_padding_is_what_shard_places_appends(n, world):
+    """The last global batch, concatenated in rank order (what gather_batch returns), is the
+    real tail then `padded` places: the rows train_step(keep=...) drops are the padding."""
+    global_batch = 8
+    order = list(range(100, 100 + n))
+    real, padded = distributed.tail_padding(n, global_batch, world)
+    shards = [shard_places(order, global_batch, world, r) for r in range(world)]
+    full = n // global_batch * global_batch
+    per_rank = (len(order) - full + padded) // world if real else 0
+    last = [i for s in shards for i in s[len(s) - per_rank :]] if real else []
+    if world == 1 or n % global_batch == 0:
+        assert (real, padded) == (0, 0)
+    else:
+        assert real == n % global_batch and (real + padded) % world == 0 and padded < world
+        assert last[:real] == order[full:] and len(last) == real + padded
+
+
+def test_train_step_keep_drops_the_gathered_padding(tmp_path):
+    """In a one-process group gather_batch is the identity, so gather + keep=n must be the
+    step on the first n rows alone (same loss, same weights after)."""
+    import torch.distributed as dist
+
+    from vprlib.losses import get_loss, get_miner
+    from vprlib.train import make_optimizer, train_step
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        results = []
+        for gather, keep, rows in [(True, 12, 16), (False, None, 12)]:
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
+            x = torch.randn(16, 3, 2, 2)[:rows]
+            labels = torch.arange(4).repeat_interleave(4)[:rows]
+            opt = make_optimizer(list(model.parameters()), "sgd", 0.1, 0.9, 0.0)
+            scaler = torch.amp.GradScaler("cpu", enabled=False)
+            loss, _ = train_step(
+                model, x, labels, get_loss("MultiSimilarityLoss"),
+                get_miner("MultiSimilarityMiner"), opt, scaler, "fp32", gather=gather, keep=keep,
+            )  # fmt: skip
+            results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    finally:
+        dist.destroy_process_group()
+    (loss_kept, w_kept), (loss_alone, w_alone) = results
+    assert loss_kept == pytest.approx(loss_alone, rel=1e-6) and loss_kept > 0
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(w_kept, w_alone, strict=True))
+
+
+def test_resume_compares_the_places_mined_together(tmp_path):
+    from vprlib.train import _check_resume_args
+
+    saved = {"places_per_batch": 8, "world_size": 1, "gather_for_mining": False}
+    ckpt = {"fit_args": saved, "model_config": None}
+
+    def now(world, gather):
+        return {**saved, "world_size": world, "gather_for_mining": gather, "dataset": {}}
+
+    _check_resume_args(ckpt, now(2, True), None, tmp_path)  # mines 8 together, as one process
+    _check_resume_args(ckpt, now(1, True), None, tmp_path)  # gather does nothing for one
+    with pytest.raises(ValueError, match=r"places mined together: checkpoint 8 .*now 4"):
+        _check_resume_args(ckpt, now(2, False), None, tmp_path)
+    old = {"fit_args": {"places_per_batch": 8}, "model_config": None}  # no world_size recorded
+    _check_resume_args(old, now(1, False), None, tmp_path)
+
+
+def test_places_per_rank_never_suggests_zero():
+    with pytest.raises(ValueError, match=r"processes \(4\): try 4$"):
+        places_per_rank(3, 4)
+
+
+SPAWNED = """
+import os, sys, tempfile, torch, torch.distributed as dist, vprlib
+from pathlib import Path
+rank, out, gsv = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
+from vprlib import distributed
+ctx = distributed.DistContext(2, rank, rank)
+torch.manual_seed(rank)  # each rank builds a different loss
+from vprlib.losses import get_loss
+loss = get_loss("ProxyAnchorLoss", num_classes=3, embedding_size=4)
+distributed.broadcast_module(loss, ctx)
+torch.save([t.detach() for t in loss.parameters()], out / f"proxies{rank}.pt")
+folder = out / f"ckpt{rank}"  # rank 0's folder has a last.ckpt, rank 1's has none
+folder.mkdir()
+if rank == 0:
+    (folder / "last.ckpt").write_bytes(b"x")
+ds = vprlib.GSVCitiesDataset(gsv, image_size=(32, 32))
+model = vprlib.VPRModel("resnet18", layers_to_crop=(3, 4), agg="gem")
+try:
+    vprlib.fit(model, ds, epochs=1, places_per_batch=4, device="cpu", progress=False,
+               checkpoint_dir=folder, resume="auto", num_workers=0)
+except FileNotFoundError as e:
+    (out / f"error{rank}").write_text(str(e))
+"""
+
+
+@pytest.mark.slow
+def test_loss_parameters_broadcast_and_unshared_checkpoint_folder(gsv_root, repo_root, tmp_path):
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(tmp_path), str(gsv_root)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    p0, p1 = (torch.load(tmp_path / f"proxies{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    for r in (0, 1):  # both ranks refuse, naming the rank that cannot see the checkpoint
+        message = (tmp_path / f"error{r}").read_text()
+        assert "not for ranks [1]" in message and "every process sees" in message

@@ -83,10 +83,12 @@ def torchrun_ranks() -> tuple[int, int, int]:
 def places_per_rank(places_per_batch: int, world_size: int) -> int:
     """The per-rank share of the global batch; raises when it does not split evenly."""
     if places_per_batch % world_size:
+        lower = places_per_batch // world_size * world_size
+        upper = lower + world_size
+        options = f"{lower} or {upper}" if lower > 0 else f"{upper}"
         raise ValueError(
             f"places_per_batch ({places_per_batch}) is the global batch and must be divisible "
-            f"by the number of processes ({world_size}): try {places_per_batch // world_size * world_size} "
-            f"or {(places_per_batch // world_size + 1) * world_size}"
+            f"by the number of processes ({world_size}): try {options}"
         )
     return places_per_batch // world_size
 
@@ -137,6 +139,26 @@ def shard_places(order: list[int], places_per_batch: int, world_size: int, rank:
         t = len(tail) // world_size
         mine += tail[rank * t : (rank + 1) * t]
     return mine
+
+
+def tail_padding(num_places: int, places_per_batch: int, world_size: int) -> tuple[int, int]:
+    """(real, padded) places of an epoch's last, partial global batch as `shard_places` cuts
+    it: `padded` places from the start of the order fill it up to a multiple of W; (0, 0)
+    when the epoch ends on a full batch or for a single process."""
+    real = num_places % places_per_batch
+    if world_size == 1 or real == 0:
+        return 0, 0
+    return real, -real % world_size
+
+
+def broadcast_module(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's parameters and buffers of `module` (DDP does this for the
+    model; a loss with parameters, e.g. proxies, needs it too, or ranks start apart)."""
+    if not ctx.enabled:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:

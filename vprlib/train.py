@@ -63,7 +63,6 @@ RESUME_MUST_MATCH = (
     "seed",
     "max_steps_per_epoch",
     "num_places",
-    "gather_for_mining",
 )
 # Dataset settings recorded in fit_args["dataset"] (those the dataset has); a resume compares
 # those both runs recorded (a wrapper dataset may hide some).
@@ -121,14 +120,16 @@ def train_step(
     precision: str,
     *,
     gather: bool = False,
+    keep: int | None = None,
     ctx: DistContext | None = None,
 ) -> tuple[float, float]:
     """One optimizer step on a batch already on the device; returns (loss, b_acc).
 
     Forward under autocast (`precision` "bf16"/"fp16"; "fp32" none), descriptors in fp32,
     miner, loss, backward through the (fp16) scaler, optimizer step. Under DDP, `gather`
-    all-gathers the global batch before mining and `ctx` averages the gradients of the
-    loss's own parameters over ranks. The learning-rate schedule is the caller's.
+    all-gathers the global batch before mining (`keep`: only its first rows, dropping the
+    padding of an epoch's last batch) and `ctx` averages the gradients of the loss's own
+    parameters over ranks. The learning-rate schedule is the caller's.
     bench/train_throughput.py times this function as the "model-only" reference.
     """
     amp_dtype = AMP_DTYPES.get(precision)
@@ -137,6 +138,8 @@ def train_step(
     descriptors = descriptors.float()  # loss and mining in fp32
     if gather:  # the whole global batch on every rank, gradients flowing back
         descriptors, labels = distributed.gather_batch(descriptors, labels)
+        if keep is not None:
+            descriptors, labels = descriptors[:keep], labels[:keep]
     mined = miner(descriptors, labels) if miner is not None else None
     loss_value = loss_fn(descriptors, labels, mined)
     optimizer.zero_grad(set_to_none=True)
@@ -233,6 +236,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def _mining_places(fit_args: dict) -> int | None:
+    """How many places the miner and the loss see together in a run: the global batch with
+    one process or gather_for_mining, else each process's share. This, not the flags
+    themselves, must match on resume (gather_for_mining does nothing for one process)."""
+    places = fit_args.get("places_per_batch")
+    world = fit_args.get("world_size", 1)
+    if places is None or world == 1 or fit_args.get("gather_for_mining", False):
+        return places
+    return places // world
+
+
 def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path) -> None:
     """Raise naming every argument that differs from the checkpoint's run."""
     saved = ckpt.get("fit_args", {})
@@ -241,6 +255,13 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
         for k in RESUME_MUST_MATCH
         if k in saved and saved[k] != fit_args[k]
     ]
+    if _mining_places(saved) != _mining_places(fit_args):
+        diffs.append(
+            f"places mined together: checkpoint {_mining_places(saved)} "
+            f"({saved.get('world_size', 1)} process(es), gather_for_mining="
+            f"{saved.get('gather_for_mining', False)}), now {_mining_places(fit_args)} "
+            f"({fit_args['world_size']}, gather_for_mining={fit_args['gather_for_mining']})"
+        )
     was, now = saved.get("dataset") or {}, fit_args["dataset"]
     diffs += [
         f"dataset {k}: checkpoint {was[k]!r}, now {now[k]!r}"
@@ -376,9 +397,16 @@ def fit(
     gather_for_mining=True all-gathers descriptors and labels (gradients flow) and computes
     the loss on the whole global batch: the same result as one process with batch P, up to
     float rounding (and BatchNorm layers being trained, which use per-process statistics).
+    (An epoch's last, partial batch is padded with places from the epoch's start so that it
+    splits evenly; with gather_for_mining the padding is dropped after the gather.) A loss
+    with its own parameters starts from rank 0's values on every rank.
     Rank 0 alone validates and writes checkpoints; every rank returns the same history.
     Random streams other than the data's are seeded with seed + rank. checkpoint_dir must be
-    visible to every rank (resume: each rank reads last.ckpt).
+    visible to every rank (resume: each rank reads last.ckpt; a folder only some ranks see is
+    an error). In a process group you created yourself, its timeout must cover rank 0's
+    validation, during which the other ranks wait (fit's own group waits up to 3 hours).
+    A resume must mine as many places together as the checkpoint's run did (the global
+    batch with one process or gather_for_mining, else P / N).
 
     Returns a DataFrame with one row per epoch: epoch (0-based), steps (optimizer steps so
     far), loss and b_acc (epoch means), lr (of the epoch's last step), seconds and
@@ -460,6 +488,7 @@ def fit(
         if channels_last:
             model.to(memory_format=torch.channels_last)
         loss_fn = (get_loss(loss) if isinstance(loss, str) else loss).to(device)
+        distributed.broadcast_module(loss_fn, ctx)  # a loss's own parameters start equal too
         miner_fn = get_miner(miner) if isinstance(miner, str) else miner
         params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
         opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
@@ -491,6 +520,14 @@ def fit(
         # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
         start_epoch, global_step, history = 0, 0, []
         last_path = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
+        if resume:  # every rank must see the same folder, or they would start apart
+            seen = distributed.gather_objects(last_path.is_file(), ctx)
+            if any(seen) and not all(seen):
+                blind = [r for r, s in enumerate(seen) if not s]
+                raise FileNotFoundError(
+                    f"{last_path} exists for some processes but not for ranks {blind}: "
+                    "checkpoint_dir must be a folder every process sees (a shared disk)"
+                )
         if resume == "auto" and not last_path.is_file():
             warnings.warn(
                 f"resume='auto': no checkpoint at {last_path}, starting fresh", stacklevel=2
@@ -529,6 +566,9 @@ def fit(
         train_model = distributed.wrap_model(model, ctx, device)  # DDP under torchrun
         forward = torch.compile(train_model) if use_compile else train_model
         gather = gather_for_mining and ctx.enabled
+        tail_real, tail_padded = distributed.tail_padding(
+            sampler.num_samples, places_per_batch, ctx.world_size
+        )
 
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
@@ -550,6 +590,10 @@ def fit(
                 for x, labels in batches:
                     images += labels.numel()  # this rank's images
                     step_lr = opt.param_groups[0]["lr"]
+                    keep = None  # gathered: drop the padding of the epoch's last batch
+                    if gather and tail_padded and steps == steps_per_epoch - 1:
+                        per_rank = (tail_real + tail_padded) // ctx.world_size
+                        keep = tail_real * (labels.numel() // per_rank)
                     loss_value, b_acc = train_step(
                         forward,
                         x,
@@ -560,6 +604,7 @@ def fit(
                         scaler,
                         precision,
                         gather=gather,
+                        keep=keep,
                         ctx=ctx,
                     )
                     scheduler.step()
