@@ -526,6 +526,17 @@ def test_gdrive_path_lists_folder_and_streams_the_named_file(tmp_path, monkeypat
         fetch_released("convap-4096", folder=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
 
+    def over_quota(**kw):
+        raise OSError("Too many users have viewed or downloaded this file recently")
+
+    fake.download = over_quota
+    with pytest.raises(
+        RuntimeError,
+        match=r"could not download resnet50_ConvAP_512_2x2.ckpt .*Too many users.*by hand",
+    ):
+        fetch_released("convap-2048", folder=tmp_path / "other", progress=False)
+    assert list((tmp_path / "other").iterdir()) == []
+
 
 def test_fresh_download_replaces_a_stale_record(tmp_path, server):
     """A record pinned to a broken file must not refuse the good file downloaded after the

@@ -231,7 +231,13 @@ def gdrive_download(filename: str, f: IO[bytes], progress: bool = True) -> None:
     if not matches:
         found = sorted(Path(item.path).name for item in listing)
         raise FileNotFoundError(f"{filename} not found in {DRIVE_FOLDER_URL}; found {found}")
-    gdown.download(id=matches[0].id, output=f, quiet=not progress, use_cookies=False)
+    try:
+        gdown.download(id=matches[0].id, output=f, quiet=not progress, use_cookies=False)
+    except Exception as e:  # quota, permission or network: gdown raises several types
+        raise RuntimeError(
+            f"could not download {filename} from {DRIVE_FOLDER_URL} ({type(e).__name__}: {e}); "
+            f"download it by hand and put it in {cache_dir()}, or pass its path"
+        ) from e
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, int | str]:
