@@ -763,7 +763,8 @@ def nb05() -> list:
             - **convap**: 1x1 conv + adaptive average pool to 2x2 (this paper);
             - **gem**: generalised-mean pooling with a learnable exponent;
             - **mixvpr**: feature-mixer MLP blocks over the flattened map;
-            - **netvlad**: soft assignment to learned cluster centres, residuals summed;
+            - **netvlad**: soft assignment to learned cluster centres, residuals summed (the
+              centres start from k-means of training features, as in the NetVLAD paper);
             - **avg**: plain global average pooling (the baseline).
 
             The CI defaults are tiny (ResNet18 without layer4, 64x64, a few steps) so all five
@@ -814,7 +815,7 @@ else:  # tiny, from scratch (every layer trains)
 
             import vprlib
             from vprlib import plots
-            from vprlib.models import feature_map_size
+            from vprlib.models import feature_map_size, init_netvlad
 
             FIGURES.mkdir(parents=True, exist_ok=True)
             train_ds = vprlib.GSVCitiesDataset(
@@ -847,6 +848,8 @@ else:  # tiny, from scratch (every layer trains)
                 )
                 model.preprocess = {"image_size": IMAGE_SIZE}
                 start = time.perf_counter()
+                if agg == "netvlad":  # k-means of local features of 32 training places
+                    init_netvlad(model, torch.cat([train_ds[i][0] for i in range(32)]))
                 histories[agg] = vprlib.fit(
                     model, train_ds, epochs=EPOCHS, places_per_batch=PLACES_PER_BATCH,
                     optimizer=OPTIMIZER, lr=LR, weight_decay=WEIGHT_DECAY,

@@ -344,8 +344,8 @@ def test_pretrained_true_offline_gives_clear_error(hub_dir, monkeypatch):
 
 
 def test_untrained_netvlad_separates_different_inputs():
-    # With far-away centroids and uniform soft-assignment every descriptor is nearly the same
-    # (the -c_k term dominates); the nearest-centroid initialisation avoids that.
+    # With far-away centroids every descriptor would be nearly the same (the -c_k term
+    # dominates); unit centroids avoid the worst of it (init_from_features does better).
     torch.manual_seed(0)
     agg = NetVLAD(in_channels=64, clusters=8)
     x = torch.randn(2, 64, 4, 4)
@@ -353,3 +353,72 @@ def test_untrained_netvlad_separates_different_inputs():
         d = agg(x)
     assert torch.allclose(agg.centroids.norm(dim=1), torch.ones(8), atol=1e-5)
     assert float(d[0] @ d[1]) < 0.9
+
+
+def test_netvlad_init_from_features_finds_the_clusters():
+    """Features drawn around 4 unit directions: after k-means every feature's strongest
+    assignment is its own direction's cluster, and sharply so (alpha: ~100:1 on average)."""
+    g = torch.Generator().manual_seed(0)
+    directions = F.normalize(torch.randn(4, 32, generator=g), dim=1)
+    which = torch.arange(800) % 4
+    feats = directions[which] + 0.05 * torch.randn(800, 32, generator=g)
+    agg = NetVLAD(in_channels=32, clusters=4)
+    agg.init_from_features(feats)
+    x = F.normalize(feats, dim=1)[:, :, None, None]
+    with torch.no_grad():
+        a = F.softmax(F.conv2d(x, agg.assign.weight, agg.assign.bias), dim=1)[:, :, 0, 0]
+    cluster = a.argmax(1)
+    for d in range(4):  # one cluster per direction, each holding exactly its features
+        assert cluster[which == d].unique().numel() == 1
+    assert cluster[:4].unique().numel() == 4
+    assert float(a.max(1).values.mean()) > 0.95
+    # the centroids sit at the directions (k-means centres of the normalised features)
+    nearest = (F.normalize(agg.centroids.detach(), dim=1) @ directions.T).max(1).values
+    assert float(nearest.min()) > 0.99
+    with pytest.raises(ValueError, match=r"needs at least 4 local features, got 3"):
+        agg.init_from_features(feats[:3])
+    with pytest.raises(ValueError, match=r"must be \[M, 32\]"):
+        agg.init_from_features(feats[:, :16])
+
+
+def test_init_netvlad_makes_descriptors_of_different_images_differ(sample_root):
+    import vprlib
+    from vprlib.transforms import to_model_input
+
+    torch.manual_seed(0)
+    model = VPRModel("resnet18", layers_to_crop=[4], agg="netvlad", agg_config={"clusters": 8})
+    ds = vprlib.GSVCitiesDataset(sample_root / "GSV-Cities", image_size=(64, 64), augment=False)
+    images = torch.cat([ds[i][0] for i in range(10)])
+
+    def mean_cosine() -> float:
+        with torch.no_grad():
+            d = model.eval()(to_model_input(images, "cpu"))
+        c = d @ d.T
+        return float((c.sum() - c.diag().sum()) / (len(d) * (len(d) - 1)))
+
+    before = mean_cosine()
+    model.train()
+    models.init_netvlad(model, images, max_features=500)
+    assert model.training  # the mode is restored
+    after = mean_cosine()
+    assert before > 0.95 and after < 0.5, (before, after)
+    with pytest.raises(TypeError, match="agg='netvlad'"):
+        models.init_netvlad(VPRModel("resnet18", agg="gem"), images)
+
+
+def test_infer_config_recovers_a_mixvpr_hidden_size_that_rounds_badly(tmp_path):
+    """int(100 * (29 / 100)) == 28: the inferred ratio must rebuild a 29-wide mixer."""
+    from vprlib.models import infer_config, load_pretrained
+
+    model = VPRModel(
+        "resnet18", layers_to_crop=[4], agg="mixvpr",
+        agg_config={"in_h": 10, "in_w": 10, "mlp_ratio": 0.295, "mix_depth": 1},
+    )  # fmt: skip
+    assert model.aggregator.state_dict()["mix.0.mix.1.weight"].shape[0] == 29
+    state = model.state_dict()
+    cfg = infer_config(state, (160, 160))["agg_config"]  # 10x10 cells after layer3
+    assert int(100 * cfg["mlp_ratio"]) == 29
+    path = tmp_path / "plain.pth"
+    torch.save(state, path)
+    loaded = load_pretrained(path, image_size=(160, 160))  # 10x10 cells after layer3
+    assert loaded.aggregator.state_dict()["mix.0.mix.1.weight"].shape[0] == 29

@@ -12,6 +12,7 @@ strictly: Conv-AP `channel_pool.weight/bias`, GeM `p`, MixVPR `mix.<i>.mix.<j>`,
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -150,6 +151,12 @@ class NetVLAD(nn.Module):
     `reduce_dim` adds a 1x1 conv C -> reduce_dim first (ResNet50's 2048 x 64 = 131072-d
     descriptor is often too large). Local features are L2-normalised over channels first
     when `normalize_input` (as in the NetVLAD paper).
+
+    Initialisation: the paper starts from k-means centroids of real local features, with the
+    soft-assignment sharp around them: `init_from_features` (or `models.init_netvlad(model,
+    images)`) does that. Without it the centroids are random unit vectors, to which high-
+    dimensional features are all about equally close: the assignment starts nearly uniform
+    and every image's descriptor nearly the same, so training starts behind.
     """
 
     def __init__(
@@ -170,16 +177,47 @@ class NetVLAD(nn.Module):
             dim = in_channels
         self.normalize_input = normalize_input
         self.assign = nn.Conv2d(dim, clusters, kernel_size=1, bias=True)
-        # Centroids start as random unit vectors (local features are unit-length too) and the
-        # soft-assignment starts as "nearest centroid" (weight alpha*c_k, alpha=10), as in the
-        # NetVLAD paper. Uniform assignments with far-away centroids would make every image's
-        # descriptor nearly the same (the -c_k residual term dominates) and learn very slowly.
+        # Without data: random unit centroids (local features are unit-length too), assignment
+        # weights alpha * c_k with alpha = 10. See init_from_features for the paper's start.
         centroids = F.normalize(torch.randn(clusters, dim), dim=1)
         self.centroids = nn.Parameter(centroids)
         with torch.no_grad():
             self.assign.weight.copy_(10.0 * centroids[:, :, None, None])
             self.assign.bias.zero_()
         self.out_dim = clusters * dim
+
+    @torch.no_grad()
+    def init_from_features(self, features: torch.Tensor, iterations: int = 20, seed: int = 0):
+        """The NetVLAD paper's start from local features [M, C] (after `reduce`, if any): the
+        centroids are k-means centres (faiss) of the L2-normalised features, and the
+        assignment is alpha * (unit centroid) . x with alpha set so that a feature's nearest
+        centroid gets on average 100x the weight of the second nearest. Needs M >= clusters."""
+        import faiss
+
+        clusters, dim = self.centroids.shape
+        if features.dim() != 2 or features.shape[1] != dim:
+            raise ValueError(
+                f"features must be [M, {dim}] local features, got {tuple(features.shape)}"
+            )
+        if features.shape[0] < clusters:
+            raise ValueError(
+                f"k-means of {clusters} clusters needs at least {clusters} local features, "
+                f"got {features.shape[0]}: pass more or larger images"
+            )
+        x = features.detach().float().cpu()
+        if self.normalize_input:
+            x = F.normalize(x, p=2, dim=1)
+        kmeans = faiss.Kmeans(dim, clusters, niter=iterations, seed=seed, verbose=False)
+        kmeans.train(x.numpy(), init_centroids=_kmeans_plus_plus(x, clusters, seed).numpy())
+        centres = torch.from_numpy(kmeans.centroids).float()
+        unit = F.normalize(centres, p=2, dim=1)
+        top2 = (x @ unit.T).topk(2, dim=1).values  # each feature's two nearest centroids
+        gap = float((top2[:, 0] - top2[:, 1]).mean())
+        alpha = math.log(100.0) / max(gap, 1e-6)
+        device = self.centroids.device
+        self.centroids.copy_(centres.to(device))
+        self.assign.weight.copy_((alpha * unit)[:, :, None, None].to(device))
+        self.assign.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reduce is not None:
@@ -192,6 +230,22 @@ class NetVLAD(nn.Module):
         vlad = torch.einsum("nkp,ncp->nkc", a, feats) - a.sum(-1).unsqueeze(-1) * self.centroids
         vlad = F.normalize(vlad, p=2, dim=2)
         return F.normalize(vlad.flatten(1), p=2, dim=1)
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k-means++ seeds: each next seed drawn with probability proportional to the squared
+    distance to the nearest seed so far (faiss's own start, random points, can put two
+    centres in one cluster and never recover)."""
+    g = torch.Generator().manual_seed(seed)
+    seeds = [x[torch.randint(len(x), (1,), generator=g)].squeeze(0)]
+    nearest = ((x - seeds[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        weights = nearest.clamp_min(0)
+        if float(weights.sum()) <= 0:  # fewer distinct points than k: any point will do
+            weights = torch.ones_like(weights)
+        seeds.append(x[torch.multinomial(weights, 1, generator=g)].squeeze(0))
+        nearest = torch.minimum(nearest, ((x - seeds[-1]) ** 2).sum(1))
+    return torch.stack(seeds).contiguous()
 
 
 class AvgPool(nn.Module):

@@ -247,6 +247,39 @@ class VPRModel(nn.Module):
         atomic_torch_save(state, path)
 
 
+def init_netvlad(
+    model: VPRModel, images: torch.Tensor, max_features: int = 50_000, seed: int = 0
+) -> None:
+    """Start a NetVLAD model's clusters from data, as the NetVLAD paper does: local features
+    of `images` (uint8 [N,3,H,W] or already normalised float, e.g. a few training batches)
+    through the backbone (and NetVLAD's `reduce`), at most `max_features` of them drawn at
+    random, then `NetVLAD.init_from_features` (k-means). Call it before training."""
+    from .aggregators import NetVLAD
+    from .transforms import to_model_input
+
+    agg = getattr(model, "aggregator", None)
+    if not isinstance(agg, NetVLAD):
+        raise TypeError(
+            f"init_netvlad needs a VPRModel with agg='netvlad', got {type(agg).__name__}"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = to_model_input(images, device)
+            feats = model.backbone(x)
+            if agg.reduce is not None:
+                feats = agg.reduce(feats)
+    finally:
+        model.train(was_training)
+    local = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    if len(local) > max_features:
+        g = torch.Generator().manual_seed(seed)
+        local = local[torch.randperm(len(local), generator=g)[:max_features].to(local.device)]
+    agg.init_from_features(local, seed=seed)
+
+
 def make_preprocess(
     image_size: int | tuple[int, int] | list[int] = DEFAULT_IMAGE_SIZE,
     interpolation: str = "bilinear",
@@ -456,7 +489,10 @@ def _infer_aggregator(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, An
     if "row_proj.weight" in agg and "channel_proj.weight" in agg:
         hw = agg["row_proj.weight"].shape[1]
         depth = len({k.split(".")[1] for k in agg if k.startswith("mix.")})
-        ratio = agg["mix.0.mix.1.weight"].shape[0] / hw if depth else 1
+        hidden = agg["mix.0.mix.1.weight"].shape[0] if depth else hw
+        ratio = hidden / hw
+        if not float(ratio).is_integer():  # so that int(hw * ratio) == hidden despite rounding
+            ratio = (hidden + 0.5) / hw
         return "mixvpr", {
             "hw": hw,
             "out_channels": agg["channel_proj.weight"].shape[0],
