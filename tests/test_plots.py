@@ -234,6 +234,31 @@ def test_plot_compare_bars_and_time_panel():
     assert len(plots.plot_compare(df.drop(columns=["train_s"])).axes) == 1
 
 
+def test_plot_compare_time_labels_do_not_overlap():
+    """Notebook 05's numbers: netvlad and mixvpr sit close; their labels must not collide."""
+    df = pd.DataFrame(
+        {
+            "aggregator": ["convap", "gem", "mixvpr", "netvlad", "avg"],
+            "R@1": [76.2, 45.2, 78.6, 83.3, 54.8],
+            "R@5": [88.1, 81.0, 85.7, 88.1, 69.0],
+            "R@10": [88.1, 85.7, 88.1, 92.9, 81.0],
+            "descriptor_dim": [512, 256, 512, 4096, 256],
+            "train_s": [90.5, 73.2, 103.4, 96.5, 11.0],
+        }
+    )
+    fig = plots.plot_compare(df)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = fig.axes[1].texts
+    assert sorted(t.get_text() for t in texts) == sorted(
+        f"{a} ({d}-d)" for a, d in zip(df["aggregator"], df["descriptor_dim"], strict=True)
+    )
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+
+
 def test_plot_compare_legend_hides_no_bar_or_label():
     """Bars up to 100 % with their value labels: the legend sits above all of them."""
     df = pd.DataFrame(

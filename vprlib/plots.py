@@ -404,6 +404,38 @@ def plot_recalls(recalls: Mapping[str, Mapping[int, float]], title: str = "Recal
     return fig
 
 
+# Where a point's label may go, in points from the point, tried in this order.
+_LABEL_OFFSETS = [(6, 5, "left"), (6, -12, "left"), (-6, 5, "right"), (-6, -12, "right"),
+                  (6, 17, "left"), (6, -24, "left"), (-6, 17, "right"), (-6, -24, "right")]  # fmt: skip
+
+
+def _label_points(fig, ax, xs, ys, labels) -> None:
+    """Annotate each point with its label at the first offset whose text overlaps no label
+    placed before it (nor, where it can, another point): close points stay readable."""
+    fig.canvas.draw()  # the layout must be final to measure texts
+    renderer = fig.canvas.get_renderer()
+    dots = [ax.transData.transform((x, y)) for x, y in zip(xs, ys, strict=True)]
+    placed = []
+    for i in np.argsort(-np.asarray(ys, dtype=float), kind="stable"):
+        best = None
+        for dx, dy, align in _LABEL_OFFSETS:
+            text = ax.annotate(
+                labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), ha=align
+            )
+            box = text.get_window_extent(renderer).expanded(1.05, 1.1)
+            clashes = sum(box.overlaps(other) for other in placed)
+            covers = sum(box.contains(*dot) for j, dot in enumerate(dots) if j != i)
+            if best is None or (clashes, covers) < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = ((clashes, covers), text, box)
+            else:
+                text.remove()
+            if best[0] == (0, 0):
+                break
+        placed.append(best[2])
+
+
 def plot_size_vs_recall(
     table: pd.DataFrame,
     size_col: str = "descriptor_dim",
@@ -483,16 +515,16 @@ def plot_compare(
         secs = results_df["train_s"].to_numpy(dtype=float)
         ax.scatter(secs, r1, s=60, color=QUERY_COLOUR)
         has_dim = "descriptor_dim" in results_df.columns
-        for i, name in enumerate(names):
-            label = f"{name} ({int(results_df['descriptor_dim'].iloc[i])}-d)" if has_dim else name
-            # alternate above/below so neighbours with similar values stay readable
-            offset = (6, 5) if i % 2 == 0 else (6, -12)
-            ax.annotate(label, (secs[i], r1[i]), textcoords="offset points", xytext=offset)
+        labels = [
+            f"{name} ({int(results_df['descriptor_dim'].iloc[i])}-d)" if has_dim else name
+            for i, name in enumerate(names)
+        ]
         ax.set_title(f"{recall_cols[0]} against training time")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel(f"{recall_cols[0]} (%)")
         ax.margins(x=0.25, y=0.15)
         ax.grid(alpha=0.3)
+        _label_points(fig, ax, secs, r1, labels)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
