@@ -32,7 +32,7 @@ lint: $(VENV)/.installed
 
 ## make test: ruff, then every test and every notebook (nbval) on the sample
 test: lint
-	$(PY) -m pytest $(TEST_PATHS) --nbval-lax -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest $(TEST_PATHS) --nbval-lax --nbval-cell-timeout=1200 -p no:cacheprovider $(PYTEST_ARGS)
 
 ## make notebooks: run all notebooks in order, headless, refreshing figures/
 notebooks: $(VENV)/.installed

@@ -2,8 +2,9 @@
 
 Edit the cells here, then run `python notebooks/make_notebooks.py`: the .ipynb files are
 regenerated without outputs (so they stay small and diff cleanly). Each notebook starts with
-a title and an "Open in Colab" badge, a Colab-only install cell, and a parameters cell whose
-defaults are sized for CI on the committed sample (full-run values are given beside them).
+a title and an "Open in Colab" badge, then its parameters cell (tagged "parameters", as
+papermill expects; self-contained), whose defaults are sized for CI on the committed sample
+(full-run values are given beside them), then a Colab-only install cell.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def header(filename: str, title: str, intro: str) -> list:
 
 # Shared parameter lines: the data root and where figures go.
 DATA_PARAMS = """
+import os
 from pathlib import Path
 
 # Data: the committed sample by default; point VPRLIB_DATA at the full data (GSV-Cities/ and
@@ -461,6 +463,22 @@ RESUME = False
 # 03 pretrained weights
 
 
+# Notebooks 03 and 04 read notebook 02's checkpoint by default: when it is not there (02 not
+# run yet, a fresh Colab runtime) they train the same tiny model first, so each runs alone.
+TRAIN_IF_MISSING = """
+if not Path(WEIGHTS).is_file() and released_name(str(WEIGHTS)) is None:
+    print(f"{WEIGHTS} not found (run notebook 02 first to train it there): training "
+          "notebook 02's tiny Conv-AP on the sample now (a minute or two on a CPU)")
+    torch.manual_seed(0)
+    tiny = vprlib.VPRModel("resnet18", layers_to_freeze=-1, layers_to_crop=[4], agg="convap",
+                           agg_config={"out_channels": 128, "s1": 2, "s2": 2})
+    tiny.preprocess = {"image_size": (64, 64)}
+    vprlib.fit(tiny, vprlib.GSVCitiesDataset(GSV_ROOT, image_size=(64, 64), augment=False),
+               epochs=5, places_per_batch=16, optimizer="adamw", lr=1e-3, weight_decay=0.0,
+               warmup_steps=4, checkpoint_dir=Path(WEIGHTS).parent, seed=0, progress=False)
+"""
+
+
 PAPER_TABLE = """
 # The released Conv-AP checkpoints (ResNet50) and the paper's recall (R@1 / R@5, percent).
 paper = pd.DataFrame(
@@ -540,6 +558,16 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
             or a path; the architecture comes from the checkpoint's config or is inferred from
             its keys, and the weights load strictly (a mismatch lists the keys).
             """
+        ),
+        code(
+            dedent(
+                """
+                import torch
+
+                from vprlib.download import released_name
+                """
+            )
+            + TRAIN_IF_MISSING
         ),
         code(
             """
@@ -634,12 +662,19 @@ K = 5  # matches shown per query
         code(
             """
             import numpy as np
+            import torch
 
             import vprlib
             from vprlib import plots, widgets
+            from vprlib.download import released_name
             from vprlib.evaluate import evaluate_descriptors
 
             FIGURES.mkdir(parents=True, exist_ok=True)
+            """
+        ),
+        code(TRAIN_IF_MISSING),
+        code(
+            """
             size = {} if IMAGE_SIZE is None else {"image_size": IMAGE_SIZE}
             model = vprlib.load_pretrained(WEIGHTS, **size)
             bench = vprlib.load_benchmark(BENCHMARK, root=BENCH_ROOT)
@@ -902,10 +937,19 @@ NOTEBOOKS = {
 }
 
 
+def parameters_first(cells: list) -> list:
+    """Move the parameters cell (the one holding DATA_ROOT) right after the title and tag it
+    "parameters": the first code cell a reader edits, and the one papermill replaces."""
+    (index,) = [i for i, c in enumerate(cells) if "DATA_ROOT = Path(" in c.source]
+    params = cells.pop(index)
+    params.metadata["tags"] = ["parameters"]
+    return [cells[0], params, *cells[1:]]
+
+
 def build(name: str):
     """The notebook object for file `name` (no outputs, Python 3 kernel)."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = NOTEBOOKS[name]()
+    nb.cells = parameters_first(NOTEBOOKS[name]())
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},

@@ -79,7 +79,6 @@ def test_colab_installs_the_notebook_libraries_without_jupyterlab(repo_root):
     """Colab runs its own Jupyter: the notebooks' install cell must not bring jupyterlab (and
     its jupyter-server) in, yet must install every notebook-only library vprlib imports."""
     import json
-
     import tomllib
 
     extras = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"][
@@ -90,7 +89,8 @@ def test_colab_installs_the_notebook_libraries_without_jupyterlab(repo_root):
     assert {"folium", "ipywidgets", "matplotlib", "gdown", "tqdm"} <= colab
     assert "vprlib[colab]" in extras["notebooks"]
     for nb in sorted((repo_root / "notebooks").glob("*.ipynb")):
-        setup = "".join(json.loads(nb.read_text())["cells"][1]["source"])
+        cells = json.loads(nb.read_text())["cells"]
+        (setup,) = ["".join(c["source"]) for c in cells if "Colab only" in "".join(c["source"])]
         assert "/content/vprlib[colab]" in setup, nb.name
 
 
@@ -117,3 +117,17 @@ def test_needs_blames_only_a_missing_library():
     with pytest.raises(ImportError, match=r"pip install ipython"):
         with needs("f", "IPython"):
             raise ModuleNotFoundError("No module named 'IPython'", name="IPython")
+
+
+def test_each_notebook_starts_with_a_self_contained_parameters_cell(repo_root):
+    import nbformat
+
+    notebooks = sorted((repo_root / "notebooks").glob("0*.ipynb"))
+    assert len(notebooks) == 5
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        first_code = next(c for c in nb.cells if c.cell_type == "code")
+        assert first_code.metadata.get("tags") == ["parameters"], path.name
+        namespace: dict = {}
+        exec(first_code.source, namespace)  # needs nothing defined by another cell
+        assert {"DATA_ROOT", "GSV_ROOT", "BENCH_ROOT", "FIGURES"} <= set(namespace), path.name

@@ -54,3 +54,16 @@ def test_a_dying_kernel_names_notebook_and_cell(tmp_path, capsys):
         run_notebook(tmp_path / "01_dies.ipynb", timeout=60)
     assert main([str(tmp_path)]) == 1
     assert "FAILED 01_dies.ipynb: cell 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_retrieval_notebook_runs_alone_without_notebook_02s_checkpoint(
+    repo_root, tmp_path, monkeypatch
+):
+    """A fresh Colab runtime or a single notebook run: 04 trains the tiny model itself when
+    the checkpoint notebook 02 writes is missing, then runs to the end."""
+    weights = tmp_path / "never_trained" / "last.ckpt"
+    monkeypatch.setenv("VPRLIB_WEIGHTS", str(weights))
+    monkeypatch.setenv("VPRLIB_FIGURES", str(tmp_path / "figures"))
+    run_notebook(repo_root / "notebooks" / "04_retrieval_results.ipynb", timeout=600)
+    assert weights.is_file() and (weights.parent / "history.csv").is_file()
