@@ -32,7 +32,7 @@
 # (-cu13 and nvjpeg 13.0 for that machine's torch 2.11.0+cu130; ~29 MB, all wheels < 64 MiB.)
 #
 # Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: decoders.log, train.log, train.json,
-# trace_mixed_2.json.gz (a torch.profiler record of the default path, end to end: open it in
+# trace_gpu_2s.json.gz (named after the default path: a torch.profiler record of it, end to end: open it in
 # ui.perfetto.dev), eval.log, tests.log.
 # DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
 # PARTS="train tests" runs only those parts (default: "decoders train eval tests");

@@ -54,7 +54,7 @@ from synthetic import (  # noqa: E402
     write_pool,
 )
 
-from vprlib.batching import device_batches, make_loader  # noqa: E402
+from vprlib.batching import default_stages, device_batches, make_loader  # noqa: E402
 from vprlib.gsv_cities import gsv_filename  # noqa: E402
 from vprlib.gsv_dataset import GSVCitiesDataset  # noqa: E402
 from vprlib.losses import get_loss, get_miner  # noqa: E402
@@ -419,7 +419,7 @@ def default_mode(args) -> str:
     spec: decode="gpu" in two preparation threads on CUDA (with a prefetch), else "cpu"."""
     if args.device.type != "cuda":
         return "cpu"
-    return "gpu/2s" if args.prefetch > 0 else "gpu"
+    return "gpu/2s" if default_stages(args.device, args.prefetch) == 2 else "gpu"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -466,7 +466,7 @@ RESUME = False
 # Notebooks 03 and 04 read notebook 02's checkpoint by default: when it is not there (02 not
 # run yet, a fresh Colab runtime) they train the same tiny model first, so each runs alone.
 TRAIN_IF_MISSING = """
-if not Path(WEIGHTS).is_file() and released_name(str(WEIGHTS)) is None:
+if str(WEIGHTS) == "../checkpoints/02_convap/last.ckpt" and not Path(WEIGHTS).is_file():
     print(f"{WEIGHTS} not found (run notebook 02 first to train it there): training "
           "notebook 02's tiny Conv-AP on the sample now (a minute or two on a CPU)")
     torch.manual_seed(0)
@@ -563,8 +563,6 @@ PAPER_MODEL = "resnet50_ConvAP_1024_2x2"  # the paper row to compare against
             dedent(
                 """
                 import torch
-
-                from vprlib.download import released_name
                 """
             )
             + TRAIN_IF_MISSING
@@ -666,7 +664,6 @@ K = 5  # matches shown per query
 
             import vprlib
             from vprlib import plots, widgets
-            from vprlib.download import released_name
             from vprlib.evaluate import evaluate_descriptors
 
             FIGURES.mkdir(parents=True, exist_ok=True)

@@ -587,6 +587,9 @@ def test_read_only_cache_is_used_without_a_record(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"could not write the integrity record .*\.ckpt\.json"):
         assert fetch_released("convap-512", folder=cache) == path
     assert not sidecar_path(path).exists()
+    with warnings.catch_warnings():  # once per file: not again at every load
+        warnings.simplefilter("error")
+        assert fetch_released("convap-512", folder=cache) == path
 
 
 def test_stale_temporary_downloads_are_removed(tmp_path, server):
@@ -653,3 +656,18 @@ def test_whole_vpr_checkpoint_as_imagenet_weights_points_to_load_pretrained(tmp_
     ) as err:
         VPRModel("resnet18", pretrained=path)
     assert len(str(err.value)) < 600  # not pages of missing keys
+
+
+def test_a_disk_error_is_not_called_a_truncated_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "fine.ckpt"
+    path.write_bytes(checkpoint_bytes(1000))
+
+    def failing_load(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError, match="Input/output error") as err:
+        load_pretrained(path)
+    assert not isinstance(err.value, ValueError)

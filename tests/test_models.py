@@ -375,6 +375,8 @@ def test_netvlad_init_from_features_finds_the_clusters():
     # the centroids sit at the directions (k-means centres of the normalised features)
     nearest = (F.normalize(agg.centroids.detach(), dim=1) @ directions.T).max(1).values
     assert float(nearest.min()) > 0.99
+    with pytest.raises(ValueError, match=r"nearly\) all the same"):
+        agg.init_from_features(feats[:1].repeat(100, 1))
     with pytest.raises(ValueError, match=r"needs at least 4 local features, got 3"):
         agg.init_from_features(feats[:3])
     with pytest.raises(ValueError, match=r"must be \[M, 32\]"):

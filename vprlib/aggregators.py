@@ -213,7 +213,12 @@ class NetVLAD(nn.Module):
         unit = F.normalize(centres, p=2, dim=1)
         top2 = (x @ unit.T).topk(2, dim=1).values  # each feature's two nearest centroids
         gap = float((top2[:, 0] - top2[:, 1]).mean())
-        alpha = math.log(100.0) / max(gap, 1e-6)
+        if gap < 1e-4:  # (nearly) identical features: no clusters to find
+            raise ValueError(
+                f"the {len(x)} local features are (nearly) all the same: k-means cannot place "
+                f"{clusters} distinct centroids; pass features of real, varied images"
+            )
+        alpha = math.log(100.0) / gap
         device = self.centroids.device
         self.centroids.copy_(centres.to(device))
         self.assign.weight.copy_((alpha * unit)[:, :, None, None].to(device))

@@ -162,6 +162,12 @@ def device_batches(
     return prefetch_to_device(loader, to_device, device, prefetch, priority)
 
 
+def default_stages(device: torch.device, prefetch: int) -> int:
+    """The `stages` fit uses: two preparation threads on CUDA (with a prefetch), where the
+    decode waits for the GPU; one elsewhere."""
+    return 2 if torch.device(device).type == "cuda" and prefetch > 0 else 1
+
+
 def batch_preparer(dataset, device: torch.device, channels_last: bool = False) -> Callable:
     """The function `device_batches` applies to each DataLoader batch: (images, labels) ->
     (normalised float images [N,3,H,W], labels [N]) on `device`: the two `batch_stages`

@@ -126,7 +126,7 @@ def remove_stale_downloads(path: str | os.PathLike, older_than_s: float = STALE_
         try:
             if now - tmp.stat().st_mtime > older_than_s:
                 tmp.unlink()
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or another user's in a shared cache: leave it
             continue
 
 
@@ -266,11 +266,16 @@ def write_record(path: str | os.PathLike) -> dict[str, int | str]:
     try:
         atomic_write_text(side, json.dumps({"file": path.name, **digest}, indent=1) + "\n")
     except OSError as e:
-        warnings.warn(
-            f"could not write the integrity record {side} ({e}); using {path} without one",
-            stacklevel=3,
-        )
+        if side not in _UNWRITABLE_RECORDS:  # once per file and process, not at every load
+            _UNWRITABLE_RECORDS.add(side)
+            warnings.warn(
+                f"could not write the integrity record {side} ({e}); using {path} without one",
+                stacklevel=2,
+            )
     return digest
+
+
+_UNWRITABLE_RECORDS: set[Path] = set()
 
 
 def verify_or_record(

@@ -491,7 +491,7 @@ def _infer_aggregator(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, An
         depth = len({k.split(".")[1] for k in agg if k.startswith("mix.")})
         hidden = agg["mix.0.mix.1.weight"].shape[0] if depth else hw
         ratio = hidden / hw
-        if not float(ratio).is_integer():  # so that int(hw * ratio) == hidden despite rounding
+        if int(hw * ratio) != hidden:  # rounding would rebuild a narrower mixer
             ratio = (hidden + 0.5) / hw
         return "mixvpr", {
             "hw": hw,

@@ -412,7 +412,8 @@ _LABEL_OFFSETS = [(6, 5, "left"), (6, -12, "left"), (-6, 5, "right"), (-6, -12, 
 def _label_points(fig, ax, xs, ys, labels) -> None:
     """Annotate each point with its label at the first offset whose text overlaps no label
     placed before it (nor, where it can, another point): close points stay readable."""
-    fig.canvas.draw()  # the layout must be final to measure texts
+    fig.tight_layout()  # the axes' final place, so the measured texts are where they end up
+    fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     dots = [ax.transData.transform((x, y)) for x, y in zip(xs, ys, strict=True)]
     placed = []

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .batching import device_batches, make_loader
+from .batching import default_stages, device_batches, make_loader
 from .distributed import DistContext
 from .evaluate import default_num_workers, preprocess_config
 from .fileio import atomic_torch_save, atomic_write_text, safe_torch_load
@@ -454,9 +454,10 @@ def fit(
         precision = resolve_precision(precision, device)
         channels_last = device.type == "cuda" if channels_last is None else channels_last
         prefetch = (1 if device.type == "cuda" else 0) if prefetch is None else prefetch
-        # decoding (nvJPEG makes the host wait) and augmenting in two threads: 0.80 of the
-        # step's speed on an H200 against 0.68 in one (bench/RESULTS.md); same batches
-        stages = 2 if device.type == "cuda" and prefetch > 0 else 1
+        # decoding (nvJPEG makes the host wait) and augmenting in two threads; same batches.
+        # With decode="gpu": 0.74-0.80 of the step's speed on an H200 (0.76 in one thread,
+        # within noise; the old default mixed:2 gave 0.68): bench/RESULTS.md
+        stages = default_stages(device, prefetch)
         num_workers = default_num_workers() if num_workers is None else num_workers
         ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         fit_args = {

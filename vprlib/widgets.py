@@ -37,13 +37,14 @@ def _figure_image(fig):
     return Image(data=png, format="png")
 
 
-def _error_html(html, what: str, error: BaseException):
-    """The error of a render, shown where the figure would be: a widget callback's exception
-    would otherwise go to the log console, unseen, with the previous figure still shown."""
-    import html as html_text
+def _error_html(html_display, what: str, error: BaseException):
+    """The error of a render, shown where the figure would be (as IPython's `HTML`
+    `html_display`): a widget callback's exception would otherwise go to the log console,
+    unseen, with the previous figure still shown."""
+    import html
 
-    message = html_text.escape(f"{type(error).__name__}: {error}")
-    return html(f"<b style='color:#b00'>cannot show {what}:</b> <code>{message}</code>")
+    message = html.escape(f"{type(error).__name__}: {error}")
+    return html_display(f"<b style='color:#b00'>cannot show {what}:</b> <code>{message}</code>")
 
 
 # ---------------------------------------------------------------- GSV-Cities places
