@@ -383,6 +383,8 @@ try:
                checkpoint_dir=folder, resume="auto", num_workers=0)
 except FileNotFoundError as e:
     (out / f"error{rank}").write_text(str(e))
+dist.barrier()
+dist.destroy_process_group()  # gloo's threads must end before the interpreter does
 """
 
 
