@@ -133,9 +133,9 @@ def shard_places(order: list[int], places_per_batch: int, world_size: int, rank:
         for s in range(0, full, places_per_batch)
         for i in order[s + rank * p : s + (rank + 1) * p]
     ]
-    tail = list(order[full:])
-    if tail:
-        tail += [order[j % len(order)] for j in range(-len(tail) % world_size)]
+    real, padded = tail_padding(len(order), places_per_batch, world_size)
+    if real:
+        tail = list(order[full:]) + [order[j % len(order)] for j in range(padded)]
         t = len(tail) // world_size
         mine += tail[rank * t : (rank + 1) * t]
     return mine

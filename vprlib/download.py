@@ -150,29 +150,34 @@ def download_to(
     return path
 
 
-def _cached_checkpoint(path: Path) -> None:
-    """Refuse to record a file found in the cache (copied there by hand, say) that does not
-    read as a checkpoint: recording it would pin a broken file."""
+def _loader_error(path: Path) -> Exception | None:
+    """Why `path` does not read as a whole PyTorch checkpoint, or None if it does."""
     try:
         safe_torch_load(path)
     except (ValueError, pickle.UnpicklingError) as e:
+        return e
+    return None
+
+
+def _cached_checkpoint(path: Path) -> None:
+    """Refuse to record a file found in the cache (copied there by hand, say) that does not
+    read as a checkpoint: recording it would pin a broken file."""
+    if (error := _loader_error(path)) is not None:
         raise ValueError(
             f"{path} is in the checkpoint cache but is not a readable checkpoint; delete it "
-            f"(a download starts afresh) or replace it with the whole file. Loader said: {e}"
-        ) from e
+            f"(a download starts afresh) or replace it with the whole file. Loader said: {error}"
+        ) from error
 
 
 def _readable_checkpoint(tmp: Path) -> None:
     """Refuse a download that is not a whole PyTorch checkpoint: a server that closed early
     without a Content-Length, or an HTML page (Drive's quota or sign-in page) in its place."""
-    try:
-        safe_torch_load(tmp)
-    except (ValueError, pickle.UnpicklingError) as e:
+    if (error := _loader_error(tmp)) is not None:
         head = tmp.read_bytes()[:60]
         raise OSError(
             f"the downloaded file is not a complete PyTorch checkpoint (first bytes {head!r}); "
-            f"nothing was cached. Loader said: {e}"
-        ) from e
+            f"nothing was cached. Loader said: {error}"
+        ) from error
 
 
 def http_download(url: str, f: IO[bytes], progress: bool = True, timeout: float = 60.0) -> int:

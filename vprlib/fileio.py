@@ -93,15 +93,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
             f"Loader said: {' '.join(detail)}"
         ) from e
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # a disk or permission problem, not a bad file
-            raise
-        raise ValueError(  # "Invalid argument": what torch.load says of a small cut zip file
-            f"{path} is not a readable PyTorch checkpoint (truncated?): {type(e).__name__}: {e}"
-        ) from e
-    except (RuntimeError, EOFError, KeyError, ValueError, struct.error) as e:
+    except (RuntimeError, EOFError, KeyError, ValueError, struct.error, OSError) as e:
         # what torch.load raises on an empty, truncated or foreign file, depending on where
-        # the bytes stop making sense
+        # the bytes stop making sense (OSError "Invalid argument": a small cut zip file)
+        if isinstance(e, OSError) and e.errno != errno.EINVAL:
+            raise  # a disk or permission problem, not a bad file
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint (truncated?): {type(e).__name__}: {e}"
         ) from e

@@ -255,12 +255,13 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
         for k in RESUME_MUST_MATCH
         if k in saved and saved[k] != fit_args[k]
     ]
-    if _mining_places(saved) != _mining_places(fit_args):
+    mined_then, mined_now = _mining_places(saved), _mining_places(fit_args)
+    if mined_then != mined_now:
         diffs.append(
-            f"places mined together: checkpoint {_mining_places(saved)} "
-            f"({saved.get('world_size', 1)} process(es), gather_for_mining="
-            f"{saved.get('gather_for_mining', False)}), now {_mining_places(fit_args)} "
-            f"({fit_args['world_size']}, gather_for_mining={fit_args['gather_for_mining']})"
+            f"places mined together: checkpoint {mined_then} ({saved.get('world_size', 1)} "
+            f"process(es), gather_for_mining={saved.get('gather_for_mining', False)}), now "
+            f"{mined_now} ({fit_args['world_size']}, "
+            f"gather_for_mining={fit_args['gather_for_mining']})"
         )
     was, now = saved.get("dataset") or {}, fit_args["dataset"]
     diffs += [
