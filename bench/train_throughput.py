@@ -19,7 +19,10 @@ read bytes; the device decodes, resizes, augments). The default CUDA path (what 
 with decode="auto") is "gpu/2s"; the verdict is given for it. A path may carry options: "/wN" (N workers),
 "/pN" (prefetch depth N), "/noaug" (no RandAugment), "/hp" (high-priority prefetch stream),
 "/2s" (decoding and augmenting in two prefetch threads), "/si" (Python's thread switch interval
-at 0.5 ms instead of 5 ms while the path runs), e.g. --modes "mixed:2/w14/p2,gpu/noaug".
+at 0.5 ms instead of 5 ms while the path runs), "/dense" (the step with
+losses.DenseMultiSimilarity, which never makes the host wait, instead of the library's miner +
+loss: its ratio is against model-only with the same loss, measured too), e.g.
+--modes "mixed:2/w14/p2,gpu/noaug,gpu/2s/dense".
 A second table breaks each batch down (see `Probe`). Full-size defaults: ResNet50 cropped at
 layer4 + Conv-AP, 320x320, 100 places x 4 images, bf16 autocast, channels_last and
 torch.compile on CUDA. Model-only is measured before and after the input paths and the ratio
@@ -36,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +71,10 @@ from vprlib.train import (  # noqa: E402
 )
 
 CITY = "Bench"
-FULL_MODES = "gpu/2s,mixed:2,gpu/2s/hp,mixed:2/2s,gpu,mixed:3,cpu"
+FULL_MODES = "gpu/2s,gpu/2s/dense,gpu/dense,mixed:3,mixed:3/dense,gpu/2s/si/dense,cpu"
 SWITCH_INTERVAL = 0.0005  # "/si": seconds (Python's default is 0.005)
-SMALL_MODES = "cpu,mixed:2,gpu,gpu/2s/p1"
+SMALL_MODES = "cpu,cpu/dense,mixed:2,gpu,gpu/2s/p1"
+LOSS_SUFFIX = {"library": "", "dense": "/dense"}  # how the table names model-only per loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +137,11 @@ class Trainer:
         self.model.to(device).train()
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = get_loss("MultiSimilarityLoss").to(device)
-        self.miner = get_miner("MultiSimilarityMiner")
+        # "library": fit's default miner + loss; "dense": the same in one sync-free module
+        self.losses = {
+            "library": (get_loss("MultiSimilarityLoss").to(device), get_miner()),
+            "dense": (get_loss("DenseMultiSimilarity").to(device), None),
+        }
         params = [p for p in self.model.parameters() if p.requires_grad]
         # a small lr: random data must not blow the weights up during the timing
         self.optimizer = make_optimizer(params, "sgd", 1e-3, 0.9, 1e-3)
@@ -141,20 +149,23 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         self.forward = torch.compile(self.model) if args.compile else self.model
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    def step(
+        self, images: torch.Tensor, labels: torch.Tensor, loss: str = "library"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_fn, miner = self.losses[loss]
         return train_step(
             self.forward,
             images,
             labels,
-            self.loss_fn,
-            self.miner,
+            loss_fn,
+            miner,
             self.optimizer,
             self.scaler,
             self.precision,
         )
 
 
-def model_only(trainer: Trainer, args, device: torch.device) -> float:
+def model_only(trainer: Trainer, args, device: torch.device, loss: str = "library") -> float:
     """Images/s of train_step on one in-memory batch (uint8 noise, normalised on the device)."""
     p, k = args.places_per_batch, args.img_per_place
     g = torch.Generator().manual_seed(0)
@@ -163,19 +174,20 @@ def model_only(trainer: Trainer, args, device: torch.device) -> float:
 
     x = to_model_input(images, device, channels_last=args.channels_last)
     labels = torch.arange(p).repeat_interleave(k).to(device)
+    step = partial(trainer.step, loss=loss)
     try:
-        trainer.step(x, labels)  # the first step compiles
+        step(x, labels)  # the first step compiles
     except Exception as e:  # a broken compiler stack must not cost the whole GPU run
         if trainer.forward is trainer.model:
             raise
         print(f"torch.compile failed ({type(e).__name__}: {e}); measuring eager instead")
         trainer.forward, args.compile = trainer.model, False
     for _ in range(args.warmup_steps):
-        trainer.step(x, labels)
+        step(x, labels)
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        trainer.step(x, labels)
+        step(x, labels)
     synchronize(device)
     return args.steps * p * k / (time.perf_counter() - t0)
 
@@ -186,9 +198,10 @@ def parse_mode(spec: str) -> dict:
     prefetch stream at high CUDA priority) and '/2s' (decode and augment in two prefetch
     threads: device_batches(stages=2)) and '/si' (a shorter Python thread switch interval:
     the step's thread and the prefetch thread both launch CUDA work holding the GIL, and a
-    thread waiting for it gets it only after the holder's interval), e.g. 'mixed:2/w14/p2' ->
-    {"dataset": GSVCitiesDataset kwargs, "workers": 14, "prefetch": 2, "priority": 0,
-    "stages": 1, "switch_interval": None}."""
+    thread waiting for it gets it only after the holder's interval) and '/dense' (the step
+    with DenseMultiSimilarity), e.g. 'mixed:2/w14/p2' -> {"dataset": GSVCitiesDataset kwargs,
+    "workers": 14, "prefetch": 2, "priority": 0, "stages": 1, "switch_interval": None,
+    "loss": "library"}."""
     mode, *options = spec.split("/")
     out: dict = {
         "dataset": {},
@@ -197,6 +210,7 @@ def parse_mode(spec: str) -> dict:
         "priority": 0,
         "stages": 1,
         "switch_interval": None,
+        "loss": "library",
     }
     if mode in ("cpu", "gpu"):
         out["dataset"]["decode"] = mode
@@ -213,11 +227,14 @@ def parse_mode(spec: str) -> dict:
             out["stages"] = 2
         elif option == "si":
             out["switch_interval"] = SWITCH_INTERVAL
+        elif option == "dense":
+            out["loss"] = "dense"
         elif option[:1] in ("w", "p") and option[1:].isdigit():
             out["workers" if option[0] == "w" else "prefetch"] = int(option[1:])
         else:
             raise ValueError(
-                f"unknown option {option!r} in {spec!r}: use /wN, /pN, /noaug, /hp, /2s, /si"
+                f"unknown option {option!r} in {spec!r}: "
+                "use /wN, /pN, /noaug, /hp, /2s, /si, /dense"
             )
     return out
 
@@ -308,10 +325,11 @@ def run_pipeline(
     prefetch: int,
     priority: int = 0,
     stages: int = 1,
+    loss: str = "library",
 ):
     """Images/s over args.steps batches after `warmup` batches of one epoch of `loader`,
     through fit's DataLoader -> device_batches path (`stages` threads preparing), with
-    train_step when `trainer` is given; plus the Probe's breakdown and the main process's CPU
+    train_step (with `loss`, a Trainer.losses key) when `trainer` is given; plus the Probe's breakdown and the main process's CPU
     use (cores busy: its threads' CPU time / wall time) over the timed batches. A
     `profiler` (torch.profiler.profile, not started) records the timed batches."""
     sampler.set_epoch(epoch)
@@ -328,7 +346,7 @@ def run_pipeline(
                     recording.enter_context(profiler)
                 t0, cpu0 = time.perf_counter(), time.process_time()
             if trainer is not None:
-                trainer.step(x, labels)
+                trainer.step(x, labels, loss)
             if i >= warmup:
                 images += labels.numel()
         synchronize(device)
@@ -361,7 +379,8 @@ def mode_loader(args, device, root: Path, spec: str, index: int):
     try:
         if mode["switch_interval"] is not None:
             sys.setswitchinterval(mode["switch_interval"])
-        options = {"prefetch": prefetch, "priority": mode["priority"], "stages": mode["stages"]}
+        options = {key: mode[key] for key in ("priority", "stages", "loss")}
+        options["prefetch"] = prefetch
         yield (args, device, dataset, loader, sampler), warmup, options
     finally:
         sys.setswitchinterval(interval)
@@ -523,9 +542,16 @@ def main(argv=None) -> dict:
             flush=True,
         )
         trainer = Trainer(args, device)
-        t = time.perf_counter()
-        first = model_only(trainer, args, device)
-        print(f"model-only: {first:.0f} img/s ({time.perf_counter() - t:.1f} s incl. warm-up)")
+        # model-only with each loss some path uses, before and after the paths
+        loss_kinds = sorted({parse_mode(spec)["loss"] for spec in args.modes}, reverse=True)
+        first = {}
+        for kind in loss_kinds:
+            t = time.perf_counter()
+            first[kind] = model_only(trainer, args, device, kind)
+            print(
+                f"model-only{LOSS_SUFFIX[kind]}: {first[kind]:.0f} img/s "
+                f"({time.perf_counter() - t:.1f} s incl. warm-up)"
+            )
         rows = []
         for i, mode in enumerate(args.modes):
             row = measure_mode(args, device, root, mode, i, trainer)
@@ -534,8 +560,10 @@ def main(argv=None) -> dict:
                 f"{mode}: pipeline {row['pipeline']:.0f} img/s, end-to-end {row['e2e']:.0f} img/s",
                 flush=True,
             )
-        last = model_only(trainer, args, device)
-        print(f"model-only again: {last:.0f} img/s")
+        last = {}
+        for kind in loss_kinds:
+            last[kind] = model_only(trainer, args, device, kind)
+            print(f"model-only{LOSS_SUFFIX[kind]} again: {last[kind]:.0f} img/s")
         result = report(args, first, last, rows)
         if args.trace is not None:  # last: a failure here loses no measurement
             trace_mode(args, device, root, args.trace_mode, len(rows), trainer, args.trace)
@@ -545,15 +573,18 @@ def main(argv=None) -> dict:
     return result
 
 
-def report(args, first: float, last: float, rows: list[dict]) -> dict:
-    """Print the ratio table and the per-batch breakdown, write --json; the results."""
+def report(args, first: dict, last: dict, rows: list[dict]) -> dict:
+    """Print the ratio table and the per-batch breakdown, write --json; the results.
+    first / last: model-only img/s per loss kind ("library", "dense"); each path's ratio is
+    against the faster of the two with its own loss."""
     device = args.device
-    reference = max(first, last)
+    reference = {kind: max(first[kind], last[kind]) for kind in first}
     print()
     print(f"{'path':<16} {'pipeline img/s':>15} {'end-to-end img/s':>17} {'ratio e2e/model':>16}")
-    print(f"{'model':<16} {'-':>15} {reference:>17.0f} {1.0:>16.2f}")
+    for kind, img_s in reference.items():
+        print(f"{'model' + LOSS_SUFFIX[kind]:<16} {'-':>15} {img_s:>17.0f} {1.0:>16.2f}")
     for row in rows:
-        row["ratio"] = row["e2e"] / reference
+        row["ratio"] = row["e2e"] / reference[parse_mode(row["mode"])["loss"]]
         print(
             f"{row['mode']:<16} {row['pipeline']:>15.0f} {row['e2e']:>17.0f} {row['ratio']:>16.2f}"
         )
@@ -585,7 +616,7 @@ def report(args, first: float, last: float, rows: list[dict]) -> dict:
             key: (str(v) if isinstance(v, (Path, torch.device)) else v)
             for key, v in vars(args).items()
         },
-        "model_only": [first, last],
+        "model_only": {kind: [first[kind], last[kind]] for kind in first},
         "rows": rows,
     }
     if args.json is not None:

@@ -44,6 +44,7 @@ def positive(text: str) -> float:
         ("loader.py", rf"ratio vprlib/reference: {NUMBER}x"),
         ("dataframes.py", rf"ratio read_gsv_dataframes/bare: {NUMBER}x"),
         ("search.py", rf"time ratio vprlib/faiss: {NUMBER}x"),
+        ("ms_loss.py", rf"ratio dense/library: {NUMBER}x"),
     ],
 )
 def test_cpu_bench_prints_its_ratio(script, ratio_line):
@@ -69,9 +70,10 @@ def table_rows(out: str, header: str) -> dict[str, list[str]]:
 def test_train_throughput_prints_its_ratio_table():
     out = run_small("train_throughput.py")
     rows = table_rows(out, "path pipeline img/s end-to-end img/s ratio e2e/model")
-    assert list(rows) == ["model", "cpu", "mixed:2", "gpu", "gpu/2s/p1"], out
-    assert rows["model"][-1] == "1.00"
-    for mode in ("cpu", "mixed:2", "gpu", "gpu/2s/p1"):
+    modes = ["cpu", "cpu/dense", "mixed:2", "gpu", "gpu/2s/p1"]
+    assert list(rows) == ["model", "model/dense", *modes], out
+    assert rows["model"][-1] == rows["model/dense"][-1] == "1.00"
+    for mode in modes:
         assert len(rows[mode]) == 3 and all(positive(v) for v in rows[mode])
     assert re.search(r"^best: \S+ at [0-9.]+ of model-only", out, re.M), out
 
@@ -134,7 +136,9 @@ def test_train_throughput_mode_specs():
         "priority": -1,
         "stages": 1,
         "switch_interval": None,
+        "loss": "library",
     }
+    assert tt.parse_mode("gpu/2s/dense")["loss"] == "dense"
     assert tt.parse_mode("gpu/2s")["stages"] == 2
     assert tt.parse_mode("mixed:2/si")["switch_interval"] == tt.SWITCH_INTERVAL < 0.005
     assert tt.parse_mode("gpu/noaug")["dataset"] == {"decode": "gpu", "augment": False}
@@ -172,3 +176,12 @@ def test_train_throughput_traces_the_default_path(tmp_path):
     assert "aten::convolution_backward" in names
     assert any(n.startswith("enumerate(DataLoader)") for n in names)
     assert len({e.get("tid") for e in events if e.get("ph") == "X"}) >= 2  # two threads
+
+
+def test_ms_loss_bench_compares_equal_losses():
+    out = run_small("ms_loss.py")
+    rows = table_rows(out, "miner + loss steps/s host waits")
+    assert list(rows) == ["library", "dense"], out
+    assert all(positive(rows[name][0]) for name in rows)
+    match = re.search(r"\|loss difference\| ([0-9.e+-]+)\)", out)
+    assert match and float(match[1]) < 1e-5, out

@@ -240,3 +240,37 @@ def test_two_stage_device_batches_on_cuda_equal_one_stage(gsv_root, decode):
     assert len(one) == len(two) > 1
     for (x1, y1), (x2, y2) in zip(one, two, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_train_step_with_dense_loss_never_syncs():
+    """torch.cuda sync debug mode "error" raises at any op that makes the host wait for the
+    GPU: the step with DenseMultiSimilarity has none; with the library's miner + loss it
+    has (so the check can fail). The two give the same loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).to(CUDA)
+    x = torch.randn(64, 3, 4, 4, device=CUDA)
+    labels = torch.arange(16, device=CUDA).repeat_interleave(4)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    losses = {}
+    for name, miner in [("DenseMultiSimilarity", None), ("MultiSimilarityLoss", "default")]:
+        step_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32)).to(CUDA)
+        step_model.load_state_dict(model.state_dict())
+        opt = TR.make_optimizer(list(step_model.parameters()), "sgd", 0.1, 0.9, 0.0)
+        loss_fn = vprlib.losses.get_loss(name)
+        miner_fn = vprlib.losses.get_miner() if miner else None
+        TR.train_step(step_model, x, labels, loss_fn, miner_fn, opt, scaler, "bf16")  # warm
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            if miner is None:
+                loss, _ = TR.train_step(
+                    step_model, x, labels, loss_fn, miner_fn, opt, scaler, "bf16"
+                )
+            else:
+                with pytest.raises(RuntimeError, match="synchroniz"):
+                    TR.train_step(step_model, x, labels, loss_fn, miner_fn, opt, scaler, "bf16")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if miner is None:
+            losses[name] = float(loss)
+    assert losses["DenseMultiSimilarity"] > 0

@@ -330,7 +330,7 @@ def test_train_step_keep_drops_the_gathered_padding(tmp_path):
                 model, x, labels, get_loss("MultiSimilarityLoss"),
                 get_miner("MultiSimilarityMiner"), opt, scaler, "fp32", gather=gather, keep=keep,
             )  # fmt: skip
-            results.append((loss, [p.detach().clone() for p in model.parameters()]))
+            results.append((float(loss), [p.detach().clone() for p in model.parameters()]))
     finally:
         dist.destroy_process_group()
     (loss_kept, w_kept), (loss_alone, w_alone) = results

@@ -310,9 +310,66 @@ def test_train_step_is_one_optimizer_step(gsv_root):
         mined = miner(desc, labels)
         want_loss = loss_fn(desc, labels, mined).item()
     loss, b_acc = TR.train_step(model, x, labels, loss_fn, miner, opt, scaler, "fp32")
-    assert loss == pytest.approx(want_loss, rel=1e-5)
-    assert b_acc == pytest.approx(vprlib.losses.batch_accuracy(mined, 16))
+    assert loss.shape == () and not loss.requires_grad  # a tensor, read when fit logs
+    assert float(loss) == pytest.approx(want_loss, rel=1e-5)
+    assert float(b_acc) == pytest.approx(vprlib.losses.batch_accuracy(mined, 16))
     assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_train_step_with_dense_loss_reads_nothing_back(gsv_root, monkeypatch):
+    """With DenseMultiSimilarity the step never asks for a tensor's value on the host (on a
+    GPU each such read makes the host wait), and its loss and b_acc equal the library pair's."""
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32))
+    loader, _ = B.make_loader(ds, 4, seed=0, num_workers=0, device=torch.device("cpu"))
+    x, labels = next(iter(B.device_batches(loader, ds, torch.device("cpu"))))
+    results = []
+    for loss_fn, miner in [
+        (vprlib.losses.get_loss(), vprlib.losses.get_miner()),
+        (vprlib.losses.get_loss("DenseMultiSimilarity"), None),
+    ]:
+        model = tiny_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = TR.make_optimizer(params, "sgd", 0.1, 0.9, 0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        with monkeypatch.context() as patch:
+            if miner is None:  # the library's miner reads lengths back: only the dense step
+                for name in HOST_READS:
+                    patch.setattr(torch.Tensor, name, _refuse(name))
+            loss, b_acc = TR.train_step(model, x, labels, loss_fn, miner, opt, scaler, "fp32")
+        results.append((float(loss), float(b_acc), [p.detach().clone() for p in params]))
+    (loss_lib, bacc_lib, w_lib), (loss_dense, bacc_dense, w_dense) = results
+    assert loss_lib > 0 and loss_dense == pytest.approx(loss_lib, rel=1e-5)
+    assert bacc_dense == pytest.approx(bacc_lib)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w_lib, w_dense, strict=True))
+
+
+def _refuse(name):
+    def read(*args, **kwargs):
+        raise AssertionError(f"train_step read a tensor back to the host (Tensor.{name})")
+
+    return read
+
+
+def test_fit_with_dense_loss_trains_as_the_library_pair(gsv_root):
+    kw = dict(
+        epochs=2, places_per_batch=4, num_workers=0, progress=False, max_steps_per_epoch=2, seed=1
+    )
+    ds = vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32), seed=0)
+    library, dense = tiny_model(), tiny_model()
+    h0 = TR.fit(library, ds, **kw)
+    h1 = TR.fit(dense, ds, loss="DenseMultiSimilarity", miner=None, **kw)
+    assert h0["loss"].min() > 0 and h0["b_acc"].notna().all()
+    for column in ("loss", "b_acc"):
+        assert h1[column].tolist() == pytest.approx(h0[column].tolist(), rel=1e-4), column
+    for (name, a), (_, b) in zip(
+        library.state_dict().items(), dense.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+    with pytest.raises(ValueError, match="miner=None"):
+        TR.fit(tiny_model(), ds, loss="DenseMultiSimilarity", **kw)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 
-from vprlib.losses import batch_accuracy, get_loss, get_miner, loss_names, miner_names
+from vprlib.losses import (
+    DenseMultiSimilarity,
+    batch_accuracy,
+    batch_accuracy_tensor,
+    get_loss,
+    get_miner,
+    loss_names,
+    miner_names,
+)
 
 
 def _batch(places=6, per_place=4, dim=16, seed=0):
@@ -99,3 +107,90 @@ def test_batch_accuracy_rejects_bad_input():
         batch_accuracy((torch.tensor([0]),) * 4, 0)
     with pytest.raises(ValueError, match="miner_output"):
         batch_accuracy(torch.tensor([0, 1]), 4)
+
+
+def _library_pair(x, labels, epsilon=0.1, **loss_kw):
+    mined = get_miner(epsilon=epsilon)(x, labels)
+    return get_loss(**loss_kw)(x, labels, mined), mined
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_dense_multi_similarity_equals_the_library_miner_and_loss(seed):
+    """Value, gradients and b_acc of DenseMultiSimilarity against pytorch-metric-learning's
+    miner + loss, over random batches: unnormalised descriptors of several scales (easy and
+    hard batches), shuffled labels, uneven places, one place only, one image per place."""
+    g = torch.Generator().manual_seed(seed)
+    places, per_place = [(6, 4), (1, 5), (7, 1), (3, 3), (2, 2)][seed % 5]
+    sizes = torch.randint(1, per_place + 1, (places,), generator=g) if seed % 7 == 0 else None
+    labels = torch.arange(places).repeat_interleave(per_place if sizes is None else sizes)
+    labels = labels[torch.randperm(labels.numel(), generator=g)] * 3 + 5  # any label values
+    scale = [0.05, 1.0, 8.0][seed % 3]
+    kw = {"alpha": 2.0, "beta": 40.0, "base": 0.5} if seed % 4 == 3 else {}
+    x_lib = (torch.randn(labels.numel(), 8, generator=g) * scale).requires_grad_()
+    x_dense = x_lib.detach().clone().requires_grad_()
+    want, mined = _library_pair(x_lib, labels, **kw)
+    dense = DenseMultiSimilarity(**kw)
+    got = dense(x_dense, labels)
+    assert got.shape == () and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    if want.requires_grad:
+        want.backward()
+    want_grad = x_lib.grad if x_lib.grad is not None else torch.zeros_like(x_lib)
+    assert torch.allclose(x_dense.grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert dense.last_b_acc.item() == pytest.approx(batch_accuracy(mined, labels.numel()))
+
+
+def test_dense_multi_similarity_covers_the_interesting_cases():
+    """The random batches above include batches with and without hard pairs and the
+    library's zero-loss case (at most one pair of each kind), so equality means something."""
+    emb, labels = _batch()
+    assert get_loss("DenseMultiSimilarity")(emb, labels).item() > 0
+    easy = F.normalize(torch.eye(4).repeat_interleave(2, 0), dim=1)  # same place: identical
+    easy_labels = torch.arange(4).repeat_interleave(2)
+    dense = DenseMultiSimilarity()
+    assert dense(easy, easy_labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert dense.last_b_acc.item() == 1.0
+    # one hard positive pair (0, 1) and one hard negative pair (0, 2), nothing else: the
+    # library gives 0 (too few pairs), and so must the dense form
+    angles = torch.deg2rad(torch.tensor([0.0, 60.0, -50.0]))
+    x = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels2 = torch.tensor([0, 0, 1])
+    want, mined = _library_pair(x, labels2)
+    assert [m.tolist() for m in mined] == [[0], [1], [0], [2]] and want.item() == 0.0
+    assert dense(x, labels2).item() == 0.0
+    x3 = torch.cat([x, x[2:] * torch.tensor([1.0, -1.0])])  # a 4th image: more hard pairs
+    labels3 = torch.tensor([0, 0, 1, 1])
+    want3, _ = _library_pair(x3, labels3)
+    assert want3.item() > 0 and dense(x3, labels3).item() == pytest.approx(want3.item())
+
+
+def test_dense_multi_similarity_has_no_data_dependent_shapes():
+    """Traced as one graph (torch.compile fullgraph): no op whose output size depends on the
+    data and no value read back, the two things that make a GPU step wait for the host.
+    The library pair cannot be traced so, which shows the check can fail."""
+    emb, labels = _batch()
+    want = DenseMultiSimilarity()(emb, labels)
+    traced = torch.compile(DenseMultiSimilarity(), backend="eager", fullgraph=True)
+    assert torch.allclose(traced(emb, labels), want)
+    library = torch.compile(lambda x, y: _library_pair(x, y)[0], backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="data-dependent"):
+        library(emb, labels)
+
+
+def test_dense_multi_similarity_rejects_a_miner_and_bad_shapes():
+    emb, labels = _batch()
+    with pytest.raises(ValueError, match="miner=None"):
+        DenseMultiSimilarity()(emb, labels, get_miner()(emb, labels))
+    with pytest.raises(ValueError, match=r"labels \(B,\)"):
+        DenseMultiSimilarity()(emb, labels[:-1])
+    assert "DenseMultiSimilarity" in loss_names()
+    assert isinstance(get_loss("DenseMultiSimilarity", epsilon=0.2), DenseMultiSimilarity)
+
+
+def test_batch_accuracy_tensor_counts_distinct_anchors():
+    a1 = torch.tensor([0, 0, 3, 5, 5, 5])
+    want = 1 - torch.unique(a1).numel() / 8
+    got = batch_accuracy_tensor((a1, a1, a1, a1), 8)
+    assert got.shape == () and got.item() == pytest.approx(want)
+    empty = torch.tensor([], dtype=torch.long)
+    assert batch_accuracy_tensor((empty,) * 4, 8).item() == 1.0

@@ -41,7 +41,7 @@ from .batching import default_stages, device_batches, make_loader
 from .distributed import DistContext
 from .evaluate import default_num_workers, preprocess_config
 from .fileio import atomic_torch_save, atomic_write_text, safe_torch_load
-from .losses import batch_accuracy, get_loss, get_miner
+from .losses import DenseMultiSimilarity, batch_accuracy_tensor, get_loss, get_miner
 from .progress import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -122,11 +122,14 @@ def train_step(
     gather: bool = False,
     keep: int | None = None,
     ctx: DistContext | None = None,
-) -> tuple[float, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the device; returns (loss, b_acc).
 
     Forward under autocast (`precision` "bf16"/"fp16"; "fp32" none), descriptors in fp32,
-    miner, loss, backward through the (fp16) scaler, optimizer step. Under DDP, `gather`
+    miner, loss, backward through the (fp16) scaler, optimizer step. loss and b_acc come
+    back as 0-d tensors on the device, not read: reading one (`float()`) makes the host wait
+    for the GPU, so fit reads them only every `log_every` steps. b_acc is NaN when there is no
+    miner and the loss does not mine itself (`DenseMultiSimilarity`). Under DDP, `gather`
     all-gathers the global batch before mining (`keep`: only its first rows, dropping the
     padding of an epoch's last batch) and `ctx` averages the gradients of the loss's own
     parameters over ranks. The learning-rate schedule is the caller's.
@@ -148,8 +151,13 @@ def train_step(
         distributed.average_gradients(list(loss_fn.parameters()), ctx)
     scaler.step(optimizer)
     scaler.update()
-    b_acc = batch_accuracy(mined, labels.numel()) if mined is not None else math.nan
-    return loss_value.item(), b_acc
+    if mined is not None:
+        b_acc = batch_accuracy_tensor(mined, labels.numel())
+    elif isinstance(loss_fn, DenseMultiSimilarity):
+        b_acc = loss_fn.last_b_acc
+    else:
+        b_acc = torch.tensor(math.nan, device=descriptors.device)
+    return loss_value.detach(), b_acc
 
 
 def lr_factor(
@@ -364,6 +372,8 @@ def fit(
       `epochs`, which keeps resuming with a larger `epochs` exact).
     - milestones, gamma: lr x gamma at each milestone epoch (0-based), as MultiStepLR.
     - loss, miner: pytorch-metric-learning class names or instances (miner None: all pairs).
+      loss="DenseMultiSimilarity" with miner=None is the default pair (same values) in one
+      module that never makes the host wait for the GPU (`losses.DenseMultiSimilarity`).
     - precision: "auto" = bf16 autocast on CUDA if supported, else fp16 with a GradScaler;
       fp32 on CPU. Or "fp32" / "bf16" / "fp16". The loss is always computed in fp32.
     - compile: True wraps the model in torch.compile; "auto" (default) does so on CUDA only
@@ -492,6 +502,10 @@ def fit(
         loss_fn = (get_loss(loss) if isinstance(loss, str) else loss).to(device)
         distributed.broadcast_module(loss_fn, ctx)  # a loss's own parameters start equal too
         miner_fn = get_miner(miner) if isinstance(miner, str) else miner
+        if isinstance(loss_fn, DenseMultiSimilarity) and miner_fn is not None:
+            raise ValueError(
+                f"loss DenseMultiSimilarity mines its own pairs: pass miner=None (got miner={miner!r})"
+            )
         params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
         opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
         loader, sampler = make_loader(
@@ -583,7 +597,10 @@ def fit(
                 desc=f"epoch {epoch + 1}/{epochs}",
                 dynamic_ncols=True,
             )
-            loss_sum, bacc_sum, steps, images, step_lr = 0.0, 0.0, 0, 0, math.nan
+            # sums stay on the device: reading a step's loss makes the host wait for the GPU
+            loss_sum = torch.zeros((), device=device)
+            bacc_sum = torch.zeros((), device=device)
+            steps, images, step_lr = 0, 0, math.nan
             t0 = time.perf_counter()
             batches = device_batches(
                 loader, train_dataset, device, channels_last, prefetch, stages=stages
@@ -618,10 +635,10 @@ def fit(
                     if bar is not None:
                         bar.update(1)
                         if steps % log_every == 0 or steps == steps_per_epoch:
+                            shown = f"{float(loss_value):.4f}", f"{float(b_acc):.3f}"  # waits
                             rate = images / (time.perf_counter() - t0)
-                            bar.set_postfix(
-                                loss=f"{loss_value:.4f}", b_acc=f"{b_acc:.3f}", img_s=f"{rate:.0f}"
-                            )
+                            bar.set_postfix(loss=shown[0], b_acc=shown[1], img_s=f"{rate:.0f}")
+            loss_sum, bacc_sum = loss_sum.item(), bacc_sum.item()  # waits for the last step
             seconds = time.perf_counter() - t0
             # Under DDP: means over all ranks' steps, images of all ranks; rank 0 validates and
             # its row goes to every rank (the others wait in `from_main` meanwhile).
