@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Full-size throughput check on one GPU machine (issue 8): JPEG decoders, training input
-# pipeline vs the train step, a Pitts250k-size evaluation, and the CUDA tests
-# (tests/test_cuda.py). Each part has its own timeout (45 + 290 + 125 + 110 = 570 s, leaving
-# ~30 s of the device tool's 600 s per command for the installs); prints a short table last.
+# Full-size throughput check on one GPU machine (issue 8): JPEG decoders, the Multi-Similarity
+# miner + loss (library pair vs DenseMultiSimilarity, with the host waits each makes), training
+# input pipeline vs the train step, a Pitts250k-size evaluation, and the CUDA tests
+# (tests/test_cuda.py). Each part has its own timeout (40 + 20 + 290 + 125 + 105 = 580 s,
+# leaving ~20 s of the device tool's 600 s per command for the installs); prints a short
+# table last.
 #
 #   bash bench/gpu_check.sh                 # from the repository root (or anywhere)
 #
@@ -31,11 +33,11 @@
 #
 # (-cu13 and nvjpeg 13.0 for that machine's torch 2.11.0+cu130; ~29 MB, all wheels < 64 MiB.)
 #
-# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: decoders.log, train.log, train.json,
+# Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: decoders.log, loss.log, train.log, train.json,
 # trace_gpu_2s.json.gz (named after the default path: a torch.profiler record of it, end to end: open it in
 # ui.perfetto.dev), eval.log, tests.log.
 # DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
-# PARTS="train tests" runs only those parts (default: "decoders train eval tests");
+# PARTS="train tests" runs only those parts (default: "decoders loss train eval tests");
 # TRAIN_MODES / EVAL_MODES replace the scripts' --modes (eval default here: "gpu,gpu:fp32",
 # nvJPEG at bf16 and at extract_descriptors' default fp32).
 set -uo pipefail
@@ -75,15 +77,17 @@ then
     fi
 fi
 
-PARTS=${PARTS:-decoders train eval tests}
+PARTS=${PARTS:-decoders loss train eval tests}
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 TRAIN_ARGS=()
 EVAL_ARGS=(--full --modes "${EVAL_MODES:-gpu,gpu:fp32}")
 DECODER_ARGS=()
+LOSS_ARGS=()
 if [ "${DRY_RUN:-0}" = 1 ]; then
     TRAIN_ARGS=(--small)
     EVAL_ARGS=(--small --modes "${EVAL_MODES:-cpu,gpu:fp32}")
     DECODER_ARGS=(--small)
+    LOSS_ARGS=(--small)
 fi
 if [ -n "${TRAIN_MODES:-}" ]; then
     TRAIN_ARGS+=(--modes "$TRAIN_MODES")
@@ -97,8 +101,13 @@ fi
 status=0
 if wants decoders; then
     echo "== JPEG decoders (torchvision CPU / nvJPEG, nvImageCodec backends when installed)"
-    timeout 45 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"} 2>&1 \
+    timeout 40 python3 bench/jpeg_decoders.py ${DECODER_ARGS[@]+"${DECODER_ARGS[@]}"} 2>&1 \
         | tee "$LOGS/decoders.log" || status=1
+fi
+if wants loss; then
+    echo "== Multi-Similarity miner + loss: the library pair vs DenseMultiSimilarity"
+    timeout 20 python3 bench/ms_loss.py ${LOSS_ARGS[@]+"${LOSS_ARGS[@]}"} 2>&1 \
+        | tee "$LOGS/loss.log" || status=1
 fi
 if wants train; then
     echo "== training throughput (full size)"
@@ -113,13 +122,14 @@ if wants eval; then
 fi
 if wants tests; then
     echo "== CUDA paths vs the CPU (tests/test_cuda.py; skipped where there is no GPU)"
-    timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    timeout 105 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
         | tee "$LOGS/tests.log" || status=1
 fi
 
 echo
 echo "== summary (bench/RESULTS.md explains the columns)"
 if wants decoders; then sed -n '/^decoder .*images\/s/,/^$/p' "$LOGS/decoders.log"; echo; fi
+if wants loss; then sed -n '/^miner + loss/,/^ratio/p' "$LOGS/loss.log"; echo; fi
 if wants train; then sed -n '/^path .*pipeline/,/^best:/p' "$LOGS/train.log"; echo; fi
 if wants eval; then sed -n '/^path .*Pitts250k/,/^best:/p' "$LOGS/eval.log"; echo; fi
 if wants tests; then tail -n 1 "$LOGS/tests.log"; fi
