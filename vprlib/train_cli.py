@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--milestones", nargs="*", type=int, default=[5, 10, 15, 25], help="epochs where lr x gamma"
     )
     t.add_argument("--gamma", type=float, default=0.3, help="lr factor at each milestone")
-    t.add_argument("--loss", default="MultiSimilarityLoss", help="a pytorch-metric-learning loss")
+    t.add_argument(
+        "--loss",
+        default="MultiSimilarityLoss",
+        help="a pytorch-metric-learning loss, or DenseMultiSimilarity (with --miner none: the "
+        "default pair in one module that never makes the host wait for the GPU)",
+    )
     t.add_argument(
         "--miner",
         type=_miner_arg,
