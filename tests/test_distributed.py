@@ -306,9 +306,11 @@ def test_tail_padding_is_what_shard_places_appends(n, world):
         assert last[:real] == order[full:] and len(last) == real + padded
 
 
-def test_train_step_keep_drops_the_gathered_padding(tmp_path):
+@pytest.mark.parametrize("dense", [False, True])
+def test_train_step_keep_drops_the_gathered_padding(tmp_path, dense):
     """In a one-process group gather_batch is the identity, so gather + keep=n must be the
-    step on the first n rows alone (same loss, same weights after)."""
+    step on the first n rows alone (same loss, same weights after), with the library's miner
+    + loss and with DenseMultiSimilarity."""
     import torch.distributed as dist
 
     from vprlib.losses import get_loss, get_miner
@@ -326,10 +328,11 @@ def test_train_step_keep_drops_the_gathered_padding(tmp_path):
             labels = torch.arange(4).repeat_interleave(4)[:rows]
             opt = make_optimizer(list(model.parameters()), "sgd", 0.1, 0.9, 0.0)
             scaler = torch.amp.GradScaler("cpu", enabled=False)
+            loss_fn = get_loss("DenseMultiSimilarity" if dense else "MultiSimilarityLoss")
+            miner = None if dense else get_miner("MultiSimilarityMiner")
             loss, _ = train_step(
-                model, x, labels, get_loss("MultiSimilarityLoss"),
-                get_miner("MultiSimilarityMiner"), opt, scaler, "fp32", gather=gather, keep=keep,
-            )  # fmt: skip
+                model, x, labels, loss_fn, miner, opt, scaler, "fp32", gather=gather, keep=keep
+            )
             results.append((float(loss), [p.detach().clone() for p in model.parameters()]))
     finally:
         dist.destroy_process_group()
