@@ -36,7 +36,8 @@
 # Logs go to $OUT (if set) or /tmp/vprlib_gpu_check: decoders.log, loss.log, train.log, train.json,
 # trace_gpu_2s.json.gz (named after the default path: a torch.profiler record of it, end to end: open it in
 # ui.perfetto.dev), eval.log, tests.log.
-# DRY_RUN=1 runs both benchmarks with --small instead (checks this script on a CPU machine).
+# DRY_RUN=1 runs every part with --small instead (checks this script on a CPU machine; the
+# CUDA tests skip there).
 # PARTS="train tests" runs only those parts (default: "decoders loss train eval tests");
 # TRAIN_MODES / EVAL_MODES replace the scripts' --modes (eval default here: "gpu,gpu:fp32",
 # nvJPEG at bf16 and at extract_descriptors' default fp32).

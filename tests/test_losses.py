@@ -1,5 +1,7 @@
 """Losses and miners: the paper's defaults, equality with pytorch-metric-learning, b_acc."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,33 @@ def test_dense_multi_similarity_equals_the_library_miner_and_loss(seed):
         want.backward()
     want_grad = x_lib.grad if x_lib.grad is not None else torch.zeros_like(x_lib)
     assert torch.allclose(x_dense.grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert dense.last_b_acc.item() == pytest.approx(batch_accuracy(mined, labels.numel()))
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.5, 0.1])
+@pytest.mark.parametrize("seed", range(12))
+def test_dense_multi_similarity_breaks_ties_like_the_library(seed, epsilon):
+    """Descriptors on a coarse grid: many similarities equal each other and sit exactly at
+    the mining threshold, where < and <= differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-1, 2, (12, 4), generator=g).float()
+    labels = torch.arange(4).repeat_interleave(3)
+    want, mined = _library_pair(x, labels, epsilon=epsilon)
+    dense = DenseMultiSimilarity(epsilon=epsilon)
+    assert torch.allclose(dense(x, labels), want, rtol=1e-6, atol=1e-7)
+    assert dense.last_b_acc.item() == pytest.approx(batch_accuracy(mined, 12))
+
+
+def test_dense_multi_similarity_skips_nan_like_the_library():
+    """A NaN descriptor (an overflowed fp16 step): the library's sort puts NaN last, so a NaN
+    similarity is never a row's least similar positive; the dense form agrees."""
+    emb, labels = _batch()
+    emb = emb.clone()
+    emb[5] = math.nan
+    want, mined = _library_pair(emb, labels)
+    dense = DenseMultiSimilarity()
+    got = dense(emb, labels)
+    assert torch.isfinite(want) and torch.allclose(got, want, rtol=1e-6)
     assert dense.last_b_acc.item() == pytest.approx(batch_accuracy(mined, labels.numel()))
 
 

@@ -33,12 +33,13 @@ def _classes(module: Any, base: type) -> dict[str, type]:
 def _lookup(kind: str, name: str, classes: dict[str, type]) -> type:
     if name not in classes:
         valid = ", ".join(sorted(classes))
-        raise ValueError(f"unknown {kind} {name!r}; pytorch-metric-learning offers: {valid}")
+        raise ValueError(f"unknown {kind} {name!r}; valid names: {valid}")
     return classes[name]
 
 
 def loss_names() -> list[str]:
-    """Names accepted by `get_loss` (the losses of pytorch_metric_learning.losses)."""
+    """Names accepted by `get_loss`: the losses of pytorch_metric_learning.losses and
+    "DenseMultiSimilarity"."""
     return sorted(_loss_classes())
 
 
@@ -66,7 +67,8 @@ class DenseMultiSimilarity(torch.nn.Module):
     - epsilon; the loss per anchor is
         1/alpha log(1 + sum_p exp(-alpha (s_ip - base))) + 1/beta log(1 + sum_n exp(beta (s_in - base)))
     over the kept pairs, averaged over all anchors. No op has a data-dependent shape and
-    nothing is read back to the host, so on a GPU the step never waits for it.
+    nothing is read back to the host, so on a GPU the step never waits for it (with
+    precision="fp16" the GradScaler still reads its overflow check each step).
     After each call `last_b_acc` holds the batch accuracy (`batch_accuracy`) as a tensor.
     Use it with miner=None: it mines itself.
     """
@@ -91,6 +93,7 @@ class DenseMultiSimilarity(torch.nn.Module):
                 "DenseMultiSimilarity expects descriptors (B, D) and labels (B,), got "
                 f"{tuple(descriptors.shape)} and {tuple(labels.shape)}"
             )
+        labels = labels.to(descriptors.device)
         n = labels.numel()
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(n, dtype=torch.bool, device=labels.device)
@@ -99,13 +102,15 @@ class DenseMultiSimilarity(torch.nn.Module):
         sim = unit @ unit.T
         with torch.no_grad():
             s = sim.detach()
+            # (a row without negatives gets -inf, without positives +inf: it keeps no pair, as
+            # in the library; a NaN similarity is never the least similar positive, as
+            # there, where sorting puts NaN last)
             hardest_negative = s.masked_fill(~negative, -math.inf).amax(1, keepdim=True)
-            hardest_positive = s.masked_fill(~positive, math.inf).amin(1, keepdim=True)
-            # the library's miner returns no pair at all when the batch lacks either kind
-            both_kinds = positive.any() & negative.any()
-            hard_pos = positive & (s - self.epsilon < hardest_negative) & both_kinds
-            hard_neg = negative & (s + self.epsilon > hardest_positive) & both_kinds
-            # ... and its loss is 0 when at most one positive and one negative pair are left
+            not_positive = ~positive | s.isnan()
+            hardest_positive = s.masked_fill(not_positive, math.inf).amin(1, keepdim=True)
+            hard_pos = positive & (s - self.epsilon < hardest_negative)
+            hard_neg = negative & (s + self.epsilon > hardest_positive)
+            # the library's loss is 0 when at most one positive and one negative pair are left
             enough = (hard_pos.sum() > 1) | (hard_neg.sum() > 1)
             self.last_b_acc = 1.0 - hard_pos.any(1).float().mean()
         pos_loss = _log1p_sum_exp(self.alpha * (self.base - sim), hard_pos) / self.alpha
@@ -161,18 +166,18 @@ def batch_accuracy(miner_output: tuple[torch.Tensor, ...], batch_size: int) -> f
     `miner_output` is a pair miner's (anchor1, positive, anchor2, negative) tuple or a triplet
     miner's (anchor, positive, negative); only the anchors of the positive pairs are used.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not isinstance(miner_output, (tuple, list)) or len(miner_output) not in (3, 4):
-        raise ValueError(
-            "miner_output must be a miner's (a1, p, a2, n) or (a, p, n) tuple of index tensors"
-        )
     return batch_accuracy_tensor(miner_output, batch_size).item()
 
 
 def batch_accuracy_tensor(miner_output: tuple[torch.Tensor, ...], batch_size: int) -> torch.Tensor:
     """`batch_accuracy` as a 0-d tensor on the anchors' device, computed without reading
     anything back to the host (so a GPU step need not wait for it)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not isinstance(miner_output, (tuple, list)) or len(miner_output) not in (3, 4):
+        raise ValueError(
+            "miner_output must be a miner's (a1, p, a2, n) or (a, p, n) tuple of index tensors"
+        )
     anchors = torch.as_tensor(miner_output[0])
     has_pair = torch.zeros(batch_size, dtype=torch.bool, device=anchors.device)
     has_pair.index_fill_(0, anchors.long(), True)

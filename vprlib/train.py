@@ -156,7 +156,7 @@ def train_step(
     elif isinstance(loss_fn, DenseMultiSimilarity):
         b_acc = loss_fn.last_b_acc
     else:
-        b_acc = torch.tensor(math.nan, device=descriptors.device)
+        b_acc = descriptors.new_full((), math.nan)  # a fill, not a copy the host waits for
     return loss_value.detach(), b_acc
 
 
@@ -504,7 +504,8 @@ def fit(
         miner_fn = get_miner(miner) if isinstance(miner, str) else miner
         if isinstance(loss_fn, DenseMultiSimilarity) and miner_fn is not None:
             raise ValueError(
-                f"loss DenseMultiSimilarity mines its own pairs: pass miner=None (got miner={miner!r})"
+                "loss DenseMultiSimilarity mines its own pairs: pass miner=None "
+                f"(--miner none on the command line); got miner={miner!r}"
             )
         params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
         opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
@@ -598,8 +599,9 @@ def fit(
                 dynamic_ncols=True,
             )
             # sums stay on the device: reading a step's loss makes the host wait for the GPU
-            loss_sum = torch.zeros((), device=device)
-            bacc_sum = torch.zeros((), device=device)
+            sum_dtype = torch.float32 if device.type == "mps" else torch.float64  # no fp64 there
+            loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
+            bacc_sum = torch.zeros((), dtype=sum_dtype, device=device)
             steps, images, step_lr = 0, 0, math.nan
             t0 = time.perf_counter()
             batches = device_batches(
