@@ -230,6 +230,45 @@ def test_list_format_gt_out_of_range(tmp_path):
         load_benchmark(npy / "toy_dbImages.npy")
 
 
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("dense_bool", "dense"),
+        ("dense_int", "dense"),
+        ("float", "float64"),
+        ("rows_with_query_index", "query 0"),
+        ("pickled_dict", "single dict"),
+    ],
+)
+def test_list_format_refuses_wrong_ground_truth_layouts(tmp_path, layout, message):
+    """Layouts that would otherwise load as made-up positives (a [Q, N_db] mask read as
+    indices 0/1, floats truncated) or fail with numpy's bare errors: each names the file
+    and the expected layout."""
+    npy = write_list_benchmark(tmp_path, "toy", n_db=6, n_q=2, gt=[[3], [5]])
+    mask = np.zeros((2, 6), dtype=bool)
+    mask[0, 3] = mask[1, 5] = True
+    rows = np.empty(2, dtype=object)
+    rows[:] = [[0, [3]], [1, [5]]]  # VPR-Bench style [query index, positives]
+    wrong = {
+        "dense_bool": mask,
+        "dense_int": mask.astype(np.int64),
+        "float": np.array([[0.7], [2.9]]),
+        "rows_with_query_index": rows,
+        "pickled_dict": np.array({"q0": [3]}, dtype=object),
+    }[layout]
+    np.save(npy / "toy_gt.npy", wrong, allow_pickle=True)
+    with pytest.raises(ValueError, match=message) as info:
+        load_benchmark(npy / "toy_dbImages.npy")
+    assert "toy_gt.npy" in str(info.value) and "positive database" in str(info.value)
+
+
+def test_list_format_pidx_without_qidx_names_the_missing_file(tmp_path):
+    npy = write_list_benchmark(tmp_path, "msls_val", n_db=6, n_q=5, gt=[[0]] * 5)
+    (npy / "msls_val_gt.npy").rename(npy / "msls_val_pIdx.npy")
+    with pytest.raises(FileNotFoundError, match="msls_val_qIdx.npy"):
+        load_benchmark("msls_val", root=tmp_path)
+
+
 def test_msls_official_variant(tmp_path):
     npy = write_list_benchmark(tmp_path, "msls_val", n_db=6, n_q=5, gt=[[0]] * 5)
     (npy / "msls_val_gt.npy").unlink()

@@ -115,6 +115,32 @@ def test_cropped_layout_and_pool_override_match_functional(tmp_path):
         assert (model(x) - ref).abs().max() <= 1e-5
 
 
+def test_lightning_file_of_the_reference_code_keeps_its_pool_size(tmp_path):
+    """Conv-AP's pool has no weights: a Lightning file written by the reference training code
+    says s1 x s2 only in its hyper_parameters, which must win over the 2x2 guess."""
+    tv, state = released_layout(out_channels=64, crop4=True, seed=3)
+    hparams = {
+        "backbone_arch": "resnet50",
+        "layers_to_crop": [4],
+        "agg_arch": "ConvAP",
+        "agg_config": {"in_channels": 1024, "out_channels": 64, "s1": 3, "s2": 3},
+    }
+    path = tmp_path / "epoch=09.ckpt"
+    torch.save({"state_dict": state, "epoch": 9, "hyper_parameters": hparams}, path)
+    model = load_pretrained(path)
+    assert model.config["agg_config"]["s1"] == model.config["agg_config"]["s2"] == 3
+    assert model.descriptor_dim == 64 * 9
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = reference_descriptors(tv, state, x, crop4=True, pool=(3, 3))
+        assert (model(x) - ref).abs().max() <= 1e-5
+    assert load_pretrained(path, agg_config={"s1": 1, "s2": 1}).descriptor_dim == 64  # override
+    hparams["agg_config"]["s1"] = "3"
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    with pytest.raises(ValueError, match="s1='3'"):
+        load_pretrained(path)
+
+
 # ----------------------------------------------------------------------------- inference
 
 

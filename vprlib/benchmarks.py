@@ -459,6 +459,10 @@ def _read_list_benchmark(db_file: Path, image_roots: list[Path], name: str | Non
     missing = [f"{stem}_qImages.npy"] if q_file is None else []
     if gt_file is None and pidx_file is None:
         missing.append(f"{stem}_gt.npy (or {stem}_pIdx.npy)")
+    if pidx_file is not None and qidx_file is None and gt_file is None:
+        missing.append(
+            f"{stem}_qIdx.npy (beside {pidx_file.name}: the official protocol needs both)"
+        )
     if missing:
         raise FileNotFoundError(
             f"list-format benchmark {name!r}: missing {', '.join(missing)} in {folder}. "
@@ -575,10 +579,36 @@ def _load_paths(file: Path) -> list[str]:
     return [(p.decode() if isinstance(p, bytes) else str(p)).lstrip("/") for p in arr.tolist()]
 
 
+GT_LAYOUT = "per query, the integer indices of its positive database images (object array)"
+
+
 def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
-    """Per-query positive indices as int64 arrays, sorted, checked against the database size."""
+    """Per-query positive indices as int64 arrays, sorted, checked against the database size.
+    A dense [Q, N_db] mask, non-integer entries or a pickled object are refused (read as
+    indices they would give made-up positives)."""
     arr = load_npy(file)
-    gt = [np.unique(np.asarray(g, dtype=np.int64).reshape(-1)) for g in arr]
+    if arr.ndim == 0:
+        raise ValueError(
+            f"{file}: expected {GT_LAYOUT}; found a single {type(arr.item()).__name__}"
+        )
+    mask_like = arr.ndim == 2 and arr.shape[1] == num_db and num_db > 2 and arr.dtype != object
+    if arr.dtype == bool or (mask_like and np.isin(arr, (0, 1)).all()):
+        raise ValueError(
+            f"{file}: looks like a dense [queries, database] mask of shape {arr.shape}; expected "
+            f"{GT_LAYOUT}. Convert it with [np.flatnonzero(row) for row in mask]"
+        )
+    gt = []
+    for i, entry in enumerate(arr):
+        try:
+            g = np.asarray(entry)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{file}: query {i}: expected {GT_LAYOUT}; {e}") from e
+        if g.size and g.dtype.kind not in "iu":
+            raise ValueError(
+                f"{file}: query {i} has positives of type {g.dtype} ({g.reshape(-1)[:3]}); "
+                f"expected {GT_LAYOUT}"
+            )
+        gt.append(np.unique(g.astype(np.int64).reshape(-1)))
     for i, g in enumerate(gt):
         if len(g) and (g[0] < 0 or g[-1] >= num_db):
             raise ValueError(

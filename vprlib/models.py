@@ -360,11 +360,14 @@ def _load_strict_torchvision(
 
 class Checkpoint(NamedTuple):
     """What `read_checkpoint` finds in a file; model_config and preprocess are None in a
-    plain state dict (the released files)."""
+    plain state dict (the released files). pool_size: Conv-AP's (s1, s2) from the
+    "hyper_parameters" of a Lightning file written by the reference training code, else None
+    (the pool has no weights, so the keys cannot tell it)."""
 
     state_dict: dict[str, torch.Tensor]
     model_config: dict | None
     preprocess: dict | None
+    pool_size: tuple[int, int] | None = None
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -380,10 +383,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     path = Path(path)
     obj = safe_torch_load(path)
-    model_config = preprocess = None
+    model_config = preprocess = pool_size = None
     if isinstance(obj, dict) and "state_dict" in obj:
         state, model_config = obj["state_dict"], obj.get("model_config")
         preprocess = obj.get("preprocess")
+        pool_size = _lightning_pool_size(obj.get("hyper_parameters"), path)
     else:
         state = obj
     if not isinstance(state, dict) or not all(
@@ -394,7 +398,22 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path}: expected a state dict (str -> tensor) or a dict with 'state_dict'; "
             f"found {found}"
         )
-    return Checkpoint(_strip_wrapper_prefix(state), model_config, preprocess)
+    return Checkpoint(_strip_wrapper_prefix(state), model_config, preprocess, pool_size)
+
+
+def _lightning_pool_size(hparams: Any, path: Path) -> tuple[int, int] | None:
+    """Conv-AP's s1 x s2 as the reference training code saved it in a Lightning file's
+    hyper_parameters (agg_config), or None when the file does not say."""
+    agg_config = hparams.get("agg_config") if isinstance(hparams, dict) else None
+    if not isinstance(agg_config, dict) or "s1" not in agg_config or "s2" not in agg_config:
+        return None
+    s1, s2 = agg_config["s1"], agg_config["s2"]
+    if not all(isinstance(v, int) and v > 0 for v in (s1, s2)):
+        raise ValueError(
+            f"{path}: hyper_parameters agg_config has s1={s1!r}, s2={s2!r}; expected positive "
+            "integers (Conv-AP's pool size)"
+        )
+    return s1, s2
 
 
 def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -541,7 +560,8 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
     Released names: resnet50_ConvAP_{2048,1024,512,128}_2x2 (with or without .ckpt) or the
     aliases convap-{8192,4096,2048,512}; downloaded once to torch.hub.get_dir()/checkpoints.
     Files: a plain state dict or {"state_dict": ..., "model_config": ...}; without
-    model_config the architecture is inferred from keys and shapes (see infer_config).
+    model_config the architecture is inferred from keys and shapes (see infer_config), and
+    Conv-AP's pool size from the hyper_parameters of a reference-code Lightning file (else 2x2).
     Weights load strictly; mismatches raise listing key names.
     kw: model overrides (backbone, layers_to_freeze, layers_to_crop, agg, agg_config merged
     into the inferred one, e.g. agg_config={"s1": 3, "s2": 3}), preprocess overrides
@@ -554,7 +574,7 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
     if unknown:
         raise TypeError(f"load_pretrained got unknown option(s) {unknown}; valid: {list(valid)}")
     path = _resolve_checkpoint(name_or_path, kw.get("url"), kw.get("progress", True))
-    state, config, saved_preprocess = read_checkpoint(path)
+    state, config, saved_preprocess, pool_size = read_checkpoint(path)
     preprocess = dict(saved_preprocess or {})
     if not preprocess:
         preprocess["interpolation"] = "bicubic" if path.stem in BICUBIC_RELEASED else "bilinear"
@@ -566,6 +586,8 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
             config = infer_config(state, image_size)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
+        if pool_size is not None and config["agg"] == "convap":  # the keys cannot tell it
+            config["agg_config"].update(s1=pool_size[0], s2=pool_size[1])
         _warn_if_renamed_bicubic(path, config, kw)
     config = dict(config)
     for key in MODEL_OPTIONS:
@@ -593,7 +615,7 @@ def _warn_if_renamed_bicubic(path: Path, config: dict, kw: dict) -> None:
     )
     if released_arch and path.stem not in BICUBIC_RELEASED and "interpolation" not in kw:
         warnings.warn(
-            f"{path} holds a plain ResNet50 + Conv-AP 4096-d state dict under another name than "
+            f"{path} holds ResNet50 + Conv-AP 4096-d weights without a saved config, under another name than "
             f"{sorted(BICUBIC_RELEASED)}: evaluating with bilinear resizing; if it is the released "
             "model, pass interpolation='bicubic' (it was trained with it)",
             stacklevel=3,
