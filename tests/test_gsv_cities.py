@@ -637,6 +637,28 @@ def test_short_csv_row_names_the_missing_text_column(tmp_path):
         G.read_gsv_dataframes(tmp_path, check_files=False)
 
 
+def test_short_first_row_names_the_city_id_column(tmp_path):
+    (tmp_path / "Dataframes").mkdir()
+    (tmp_path / "Dataframes" / "London.csv").write_text(
+        "place_id,year,month,northdeg,city_id,lat,lon,panoid\n1,2018,4\n"
+    )
+    with pytest.raises(
+        ValueError, match=r"London\.csv: the first data row has 3 fields.*'city_id'"
+    ):
+        G.read_gsv_dataframes(tmp_path, check_files=False)
+
+
+def test_two_csvs_of_one_city_are_refused(tmp_path):
+    """A copied CSV would merge into the same places, every image counted twice."""
+    root, names = small_tree(tmp_path)
+    csvs = root / "Dataframes"
+    (csvs / "Testville_copy.csv").write_text((csvs / "Testville.csv").read_text())
+    with pytest.raises(ValueError, match=r"city_id 'TST'.*Testville\.csv.*Testville_copy\.csv"):
+        G.read_gsv_dataframes(root)
+    (csvs / "Testville_copy.csv").unlink()
+    assert len(G.read_gsv_dataframes(root)) == len(names)
+
+
 # ---------------------------------------------------------------- fast and careful CSV readers
 
 

@@ -319,6 +319,25 @@ def test_fp16_grad_scaler_adamw_and_no_miner(dataset, tmp_path):
     assert "aggregator.channel_pool.weight" in changed
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "lr", "weight_decay"), [("adamw", 2e-4, 0.0), ("sgd", 0.05, 1e-3)]
+)
+def test_lr_and_weight_decay_default_per_optimizer(dataset, tmp_path, optimizer, lr, weight_decay):
+    """AdamW must not inherit SGD's lr 0.05 (it would diverge): None picks each one's own."""
+    fit(tiny_model(), dataset, epochs=1, optimizer=optimizer, checkpoint_dir=tmp_path, **FIT)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert (ckpt["fit_args"]["lr"], ckpt["fit_args"]["weight_decay"]) == (lr, weight_decay)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == lr and group["weight_decay"] == weight_decay
+
+
+def test_negative_seeds_are_refused_by_name(gsv_root):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        PlaceSampler(5, seed=-1)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -2"):
+        vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32), seed=-2)
+
+
 def test_cli_smoke(sample_root, repo_root, tmp_path):
     out = tmp_path / "run"
     cmd = [

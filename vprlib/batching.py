@@ -43,8 +43,10 @@ class PlaceSampler(torch.utils.data.Sampler):
             raise ValueError(f"the training dataset is empty (num_places={num_places})")
         if world_size > 1 and places_per_batch is None:
             raise ValueError("PlaceSampler: world_size > 1 needs places_per_batch (global)")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.num_places = num_places
-        self.seed = seed
+        self.seed = int(seed)
         self.num_samples = num_places if num_samples is None else min(num_samples, num_places)
         self.places_per_batch, self.world_size, self.rank = places_per_batch, world_size, rank
         self.epoch = 0

@@ -137,7 +137,29 @@ def _first_city_id(path: Path) -> str | None:
         return None
     if "city_id" not in header:
         raise ValueError(f"{path}: missing column 'city_id' (needs {list(COLUMNS)})")
-    return row[header.index("city_id")]
+    column = header.index("city_id")
+    if len(row) <= column:
+        raise ValueError(
+            f"{path}: the first data row has {len(row)} fields, no value in column 'city_id' "
+            f"(field {column + 1} of the header {header})"
+        )
+    return row[column]
+
+
+def _refuse_shared_city_ids(ids: dict[str, str | None], csvs: dict[str, Path]) -> None:
+    """Two CSVs of one city_id (a copied file) would merge into the same places, each image
+    twice: refused, naming the files."""
+    stems_of: dict[str, list[str]] = {}
+    for stem, cid in ids.items():
+        if cid is not None:
+            stems_of.setdefault(cid, []).append(stem)
+    for cid, stems in stems_of.items():
+        if len(stems) > 1:
+            files = ", ".join(str(csvs[s]) for s in stems)
+            raise ValueError(
+                f"city_id {cid!r} is the city of several CSVs ({files}): their places would "
+                "merge and every image count twice; keep one CSV per city"
+            )
 
 
 def _city_csvs(root: Path) -> dict[str, Path]:
@@ -227,6 +249,7 @@ def read_gsv_dataframes(
     root = _check_root(root)
     csvs = _city_csvs(root)
     ids = {stem: _first_city_id(p) for stem, p in csvs.items()}
+    _refuse_shared_city_ids(ids, csvs)
     order = {cid: i for i, cid in enumerate(sorted({c for c in ids.values() if c is not None}))}
     chosen = _resolve(cities, ids, "cities (CSV stem, city_id in brackets)")
     workers = min(len(chosen), threads or os.cpu_count() or 1)

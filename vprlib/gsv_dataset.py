@@ -236,6 +236,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         self.min_img_per_place = int(min_img_per_place)
         self.random_sample = bool(random_sample)
         self.image_size = _size(image_size)
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = int(seed)
         self.epoch = 0
         self.augment = bool(augment)

@@ -46,6 +46,12 @@ from .progress import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
+# lr and weight decay when fit is given None: SGD as in the paper (lr from later work), AdamW
+# as in the later variant of the recipe (REFERENCE)
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.05, "weight_decay": 1e-3},
+    "adamw": {"lr": 2e-4, "weight_decay": 0.0},
+}
 RECALL_KS = (1, 5, 10)
 # Arguments that must be the same when a run is resumed: they shape the optimisation itself.
 RESUME_MUST_MATCH = (
@@ -335,10 +341,10 @@ def fit(
     *,
     epochs: int,
     places_per_batch: int = 100,
-    lr: float = 0.05,
+    lr: float | None = None,
     optimizer: str = "sgd",
     momentum: float = 0.9,
-    weight_decay: float = 1e-3,
+    weight_decay: float | None = None,
     warmup_steps: int = 650,
     milestones: Sequence[int] = (5, 10, 15, 25),
     gamma: float = 0.3,
@@ -364,7 +370,8 @@ def fit(
 
     Knobs (defaults follow the paper's recipe, lr from later work):
     - epochs, places_per_batch (P; K comes from the dataset), lr, optimizer ("sgd" | "adamw"),
-      momentum (SGD only), weight_decay. Under torchrun P is the GLOBAL batch, split evenly
+      momentum (SGD only), weight_decay. lr / weight_decay None: 0.05 / 1e-3 for SGD, 2e-4 / 0
+      for AdamW (`OPTIMIZER_DEFAULTS`). Under torchrun P is the GLOBAL batch, split evenly
       over the processes (see "Several GPUs" below).
     - warmup_steps: linear warm-up from ~0 to lr. The paper used ~500-650 steps on the full
       data (about one epoch; 650 here); the warm-up is clipped to one epoch, so short runs on small
@@ -393,7 +400,9 @@ def fit(
       resume: True continues from `last.ckpt` (error if it is missing),
       "auto" continues if it exists and starts fresh otherwise (handy on Colab).
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
-      on (seed, e). Initialising the model before calling fit is the caller's business.
+      on (seed, e). Which images of a place are drawn and how they are augmented follow the
+      dataset's own seed (`GSVCitiesDataset(seed=...)`, default 0), not this one: for a seed
+      sweep set both (`python -m vprlib.train --seed` does). Initialising the model before calling fit is the caller's business.
     - device: None = CUDA if available. num_workers: None = `default_num_workers()` (CPU
       cores - 2, between 1 and 12; 0 on a single core).
     - progress: per-epoch tqdm bar with loss, b_acc and images/s, updated every `log_every`
@@ -428,6 +437,11 @@ def fit(
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if optimizer not in OPTIMIZER_DEFAULTS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    lr = OPTIMIZER_DEFAULTS[optimizer]["lr"] if lr is None else lr
+    if weight_decay is None:
+        weight_decay = OPTIMIZER_DEFAULTS[optimizer]["weight_decay"]
     if places_per_batch < 2:
         raise ValueError(f"places_per_batch must be >= 2, got {places_per_batch}")
     if resume not in (False, True, "auto"):

@@ -110,10 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=30, help="the paper: 30")
     t.add_argument("--places-per-batch", type=int, default=100, help="P places per (global) batch")
-    t.add_argument("--lr", type=float, default=0.05, help="base lr (the paper: 0.03; 0.05 later)")
+    t.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="base lr (default 0.05 for SGD: the paper used 0.03; 2e-4 for AdamW)",
+    )
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD only")
-    t.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty")
+    t.add_argument(
+        "--weight-decay", type=float, default=None, help="default 1e-3 for SGD, 0 for AdamW"
+    )
     t.add_argument(
         "--warmup-steps", type=int, default=650, help="linear warm-up (clipped to one epoch)"
     )
