@@ -309,6 +309,7 @@ else:
     VAL = "gsv_sample"
 
 CHECKPOINT_DIR = Path("../checkpoints/02_convap")  # notebooks 03 and 04 read last.ckpt here
+# (with USE_DRIVE it goes to Drive: set VPRLIB_WEIGHTS to that last.ckpt for 03 and 04)
 RESUME = False
 """
         ),

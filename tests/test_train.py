@@ -369,7 +369,7 @@ def test_cli_help_states_each_default_once():
 
     text = " ".join(build_parser().format_help().split())
     assert "(default: None)" not in text
-    assert "(default: 650)" in text and "(default: 0.05)" in text  # the recipe's knobs
+    assert "(default: 650)" in text and "default 0.05 for SGD" in text  # the recipe's knobs
     assert "(default: [4])" in text  # --layers-to-crop's help mentions the paper's "default"
     parser = build_parser()
     formatter = parser._get_formatter()
@@ -377,13 +377,39 @@ def test_cli_help_states_each_default_once():
         assert formatter._get_help_string(action).count("default:") <= 1, action.dest
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tmp_path, capsys, monkeypatch, sample_root):
     from vprlib.train_cli import main
 
-    with pytest.raises(FileNotFoundError, match="Dataframes"):
-        main(["--data-root", str(tmp_path), "--epochs", "1"])
-    with pytest.raises(SystemExit):
-        main(["--resume", "sometimes"])
+    for env in ("GSV_CITIES_ROOT", "VPRLIB_DATA", "VPR_BENCHMARKS_ROOT"):
+        monkeypatch.delenv(env, raising=False)
+    cases = [
+        (["--data-root", str(tmp_path)], "Dataframes"),
+        ([], "give --data-root"),
+        (["--data-root", str(sample_root), "--val", "pitts30k_test"], "pitts30k"),
+        (["--resume", "sometimes"], "resume"),
+    ]
+    for argv, message in cases:  # usage errors: a message, no traceback
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--epochs", "1"])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_cli_finds_the_benchmarks_beside_the_data_root(monkeypatch, sample_root):
+    import argparse
+
+    from vprlib.train_cli import _benchmarks_root
+
+    for env in ("VPRLIB_DATA", "VPR_BENCHMARKS_ROOT"):
+        monkeypatch.delenv(env, raising=False)
+    want = str(sample_root / "benchmarks")
+    for data_root in (sample_root, sample_root / "GSV-Cities"):
+        args = argparse.Namespace(benchmarks_root=None, data_root=str(data_root))
+        assert _benchmarks_root(args) == want
+    args = argparse.Namespace(benchmarks_root="/elsewhere", data_root=str(sample_root))
+    assert _benchmarks_root(args) == "/elsewhere"
+    monkeypatch.setenv("VPR_BENCHMARKS_ROOT", "/from/env")  # load_benchmark reads it
+    assert _benchmarks_root(argparse.Namespace(benchmarks_root=None, data_root="x")) is None
 
 
 def test_cli_reaches_every_fit_argument(monkeypatch):

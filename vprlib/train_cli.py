@@ -52,6 +52,20 @@ def _gsv_root(data_root: str | None) -> Path:
     raise FileNotFoundError(f"no Dataframes/ folder in {root} or {root / 'GSV-Cities'}")
 
 
+def _benchmarks_root(args: argparse.Namespace) -> str | None:
+    """--benchmarks-root, else the env variables (load_benchmark reads them), else the
+    `benchmarks/` folder beside --data-root's GSV-Cities when there is one."""
+    if args.benchmarks_root is not None:
+        return args.benchmarks_root
+    if os.environ.get("VPR_BENCHMARKS_ROOT") or os.environ.get("VPRLIB_DATA"):
+        return None
+    if args.data_root is not None:
+        for candidate in (Path(args.data_root), Path(args.data_root).parent):
+            if (candidate / "benchmarks").is_dir():
+                return str(candidate / "benchmarks")
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vprlib.train",
@@ -197,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmarks-root",
         default=None,
         help="where named benchmarks live (default: $VPR_BENCHMARKS_ROOT, "
-        "else $VPRLIB_DATA/benchmarks)",
+        "else $VPRLIB_DATA/benchmarks, else benchmarks/ beside --data-root's GSV-Cities)",
     )
     o.add_argument(
         "--checkpoint-dir",
@@ -218,13 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None):
     """CLI entry: build dataset and model from the arguments, train, print and save history."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .benchmarks import load_benchmark
     from .gsv_dataset import GSVCitiesDataset
     from .models import VPRModel
 
+    try:  # where the data is: a usage error, not a traceback
+        gsv_root = _gsv_root(args.data_root)
+        val = [load_benchmark(v, root=_benchmarks_root(args)) for v in args.val]
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
     dataset = GSVCitiesDataset(
-        _gsv_root(args.data_root),
+        gsv_root,
         cities=args.cities,
         img_per_place=args.img_per_place,
         min_img_per_place=args.min_img_per_place,
@@ -241,7 +261,6 @@ def main(argv: Sequence[str] | None = None):
         agg=args.agg,
         agg_config=args.agg_config,
     )
-    val = [load_benchmark(v, root=args.benchmarks_root) for v in args.val]
     history = fit(
         model,
         dataset,
