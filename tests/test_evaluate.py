@@ -315,7 +315,7 @@ def test_evaluate_end_to_end(sample, resnet_results):
     assert list(table.columns) == ["benchmark", "#db", "#queries"] + [
         f"R@{k}" for k in (1, 5, 10, 15, 20, 25)
     ] + ["protocol"]
-    assert table.loc[0, "protocol"] == sample.variant
+    assert table.loc[0, "protocol"] == f"{sample.variant}; 64x64 bilinear images"
     assert table.loc[0, "R@5"] == round(100 * res.recalls[5], 1)
     assert table.loc[0, "#db"] == sample.num_db
     empty = sample.num_without_positives
@@ -348,6 +348,19 @@ def test_evaluate_by_name(bench_root):
     assert auto.precision == "fp32" and auto.recalls == res.recalls
     with pytest.raises(ValueError, match="precision must be one of"):
         vprlib.evaluate(model, "gsv_sample", root=bench_root, precision="half", progress=False)
+
+
+def test_image_size_and_resizing_are_named_in_the_table_and_kept_by_save(bench_root, tmp_path):
+    """Rows scored at different image sizes or resizings must not look alike."""
+    model = TinyNet(size=(32, 32))
+    kw = dict(root=bench_root, ks=(1,), num_workers=0, progress=False)
+    plain = vprlib.evaluate(model, "gsv_sample", **kw)
+    other = vprlib.evaluate(model, "gsv_sample", image_size=(48, 40), interpolation="bicubic", **kw)
+    assert plain.images == "32x32 bilinear" and other.images == "48x40 bicubic"
+    protocols = [r.table()["protocol"][0] for r in (plain, other)]
+    assert protocols[0] != protocols[1] and "48x40 bicubic images" in protocols[1]
+    other.save(tmp_path / "r.npz")
+    assert EvalResults.load(tmp_path / "r.npz").images == "48x40 bicubic"
 
 
 def test_reduced_precision_is_named_in_the_table_and_kept_by_save(resnet_results, tmp_path):

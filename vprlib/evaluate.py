@@ -192,8 +192,9 @@ def extract_descriptors(
     read-only, so a database larger than RAM needs bounded memory. `gpu_decode` reads JPEG
     bytes on the workers and decodes them on the device (nvJPEG on CUDA); None (default) does
     so on CUDA when every path is a .jpg/.jpeg (on an H200, in bf16, it extracted 5,600 img/s
-    against 3,550 with CPU decoding; 3,700 at the default fp32; bench/RESULTS.md). On CUDA the next batch is decoded/copied/
-    normalised on a side stream while the model runs on this one. `precision`: "fp32"
+    against 3,550 with CPU decoding; 3,700 at the default fp32; bench/RESULTS.md). On CUDA
+    the next batch is decoded/copied/normalised on a side stream while the model runs on this
+    one. `precision`: "fp32"
     (default: the numbers papers report), or on CUDA "bf16" / "fp16" autocast ("auto": bf16;
     faster; descriptors within ~0.2% cosine of fp32); the CPU always runs fp32.
     """
@@ -479,6 +480,7 @@ class EvalResults:
     query_utm: np.ndarray | None = None
     skip_empty: bool = False
     precision: str = ""  # of the descriptors, when `evaluate` made them ("" = not known)
+    images: str = ""  # how `evaluate` fed the images, e.g. "320x320 bilinear" ("" = not known)
 
     @property
     def num_without_positives(self) -> int:
@@ -486,8 +488,9 @@ class EvalResults:
 
     def table(self) -> pd.DataFrame:
         """One row: benchmark, #db, #queries, R@K in percent (1 decimal), and the protocol
-        (the benchmark's variant, and whether queries without positives were dropped), so
-        rows scored differently never look alike."""
+        (the benchmark's variant, the image size and resizing, whether queries without
+        positives were dropped, reduced-precision descriptors), so rows scored differently
+        never look alike."""
         row: dict[str, Any] = {
             "benchmark": self.benchmark,
             "#db": len(self.db_paths),
@@ -499,7 +502,8 @@ class EvalResults:
             f"; {empty} queries without positives dropped" if self.skip_empty and empty else ""
         )
         reduced = f"; {self.precision} descriptors" if self.precision not in ("", "fp32") else ""
-        row["protocol"] = f"{self.variant}{dropped}{reduced}"
+        images = f"; {self.images} images" if self.images else ""
+        row["protocol"] = f"{self.variant}{images}{dropped}{reduced}"
         return pd.DataFrame([row])
 
     def summary(self) -> str:
@@ -562,6 +566,7 @@ class EvalResults:
             "variant": np.array(self.variant),
             "skip_empty": np.array(self.skip_empty),
             "precision": np.array(self.precision),
+            "images": np.array(self.images),
             "ks": np.array(sorted(self.recalls), dtype=np.int64),
             "recall_values": np.array([self.recalls[k] for k in sorted(self.recalls)]),
             "predictions": self.predictions,
@@ -602,6 +607,7 @@ class EvalResults:
                 query_utm=z["query_utm"] if "query_utm" in z else None,
                 skip_empty=bool(z["skip_empty"]),
                 precision=str(z["precision"]) if "precision" in z else "",
+                images=str(z["images"]) if "images" in z else "",
             )
 
 
@@ -679,4 +685,6 @@ def evaluate(
     q_desc = extract_descriptors(model, benchmark.query_paths, **kw)
     results = evaluate_descriptors(db_desc, q_desc, benchmark, ks=ks, skip_empty=skip_empty)
     results.precision = precision
+    pre = preprocess_config(model, image_size, interpolation)  # what extraction used
+    results.images = f"{pre['image_size'][0]}x{pre['image_size'][1]} {pre['interpolation']}"
     return results
