@@ -71,7 +71,7 @@ from vprlib.train import (  # noqa: E402
 )
 
 CITY = "Bench"
-FULL_MODES = "gpu/2s,gpu/2s/dense,gpu/dense,mixed:3,mixed:3/dense,gpu/2s/si/dense,cpu"
+FULL_MODES = "gpu/2s,gpu/2s/dense,gpu/dense,mixed:3/dense,gpu/2s/si/dense,cpu"
 SWITCH_INTERVAL = 0.0005  # "/si": seconds (Python's default is 0.005)
 SMALL_MODES = "cpu,cpu/dense,mixed:2,gpu,gpu/2s/p1"
 LOSS_SUFFIX = {"library": "", "dense": "/dense"}  # how the table names model-only per loss
