@@ -262,6 +262,20 @@ def test_list_format_refuses_wrong_ground_truth_layouts(tmp_path, layout, messag
     assert "toy_gt.npy" in str(info.value) and "positive database" in str(info.value)
 
 
+def test_list_format_reads_integer_object_arrays(tmp_path):
+    """np.array(lists of equal length, dtype=object) is 2-D of Python ints (SPED's one
+    positive per query): integers, so it loads."""
+    npy = write_list_benchmark(tmp_path, "toy", n_db=6, n_q=3)
+    for gt, want in [
+        (np.array([[0], [1], [2]], dtype=object), [[0], [1], [2]]),
+        (np.array([[1, 2], [2, 3], [0, 4]], dtype=object), [[1, 2], [2, 3], [0, 4]]),
+    ]:
+        np.save(npy / "toy_gt.npy", gt, allow_pickle=True)
+        bench = load_benchmark(npy / "toy_dbImages.npy")
+        assert [g.tolist() for g in bench.ground_truth] == want
+        assert all(g.dtype == np.int64 for g in bench.ground_truth)
+
+
 def test_list_format_pidx_without_qidx_names_the_missing_file(tmp_path):
     npy = write_list_benchmark(tmp_path, "msls_val", n_db=6, n_q=5, gt=[[0]] * 5)
     (npy / "msls_val_gt.npy").rename(npy / "msls_val_pIdx.npy")

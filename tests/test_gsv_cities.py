@@ -648,15 +648,22 @@ def test_short_first_row_names_the_city_id_column(tmp_path):
         G.read_gsv_dataframes(tmp_path, check_files=False)
 
 
-def test_two_csvs_of_one_city_are_refused(tmp_path):
-    """A copied CSV would merge into the same places, every image counted twice."""
+def test_two_csvs_listing_the_same_images_are_refused(tmp_path):
+    """A copied CSV of the same city would count each image twice in its place; a city split
+    into CSVs of different images, or choosing one of the two, is fine."""
     root, names = small_tree(tmp_path)
     csvs = root / "Dataframes"
-    (csvs / "Testville_copy.csv").write_text((csvs / "Testville.csv").read_text())
-    with pytest.raises(ValueError, match=r"city_id 'TST'.*Testville\.csv.*Testville_copy\.csv"):
+    whole = pd.read_csv(csvs / "Testville.csv")
+    whole.to_csv(csvs / "Testville_copy.csv", index=False)
+    with pytest.raises(ValueError, match=r"Testville\.csv and .*Testville_copy\.csv.*TST.*both"):
         G.read_gsv_dataframes(root)
-    (csvs / "Testville_copy.csv").unlink()
-    assert len(G.read_gsv_dataframes(root)) == len(names)
+    assert len(G.read_gsv_dataframes(root, cities=["Testville_copy"])) == len(names)
+    (csvs / "Testville.csv").unlink()  # the city split in two CSVs of different images
+    whole[whole["place_id"] < 2].to_csv(csvs / "Testville_a.csv", index=False)
+    whole[whole["place_id"] >= 2].to_csv(csvs / "Testville_copy.csv", index=False)
+    split = G.read_gsv_dataframes(root)
+    assert len(split) == len(names) and not split["path"].duplicated().any()
+    assert split["place"].nunique() == 3
 
 
 # ---------------------------------------------------------------- fast and careful CSV readers

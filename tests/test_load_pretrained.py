@@ -135,10 +135,25 @@ def test_lightning_file_of_the_reference_code_keeps_its_pool_size(tmp_path):
         ref = reference_descriptors(tv, state, x, crop4=True, pool=(3, 3))
         assert (model(x) - ref).abs().max() <= 1e-5
     assert load_pretrained(path, agg_config={"s1": 1, "s2": 1}).descriptor_dim == 64  # override
-    hparams["agg_config"]["s1"] = "3"
+    hparams["agg_config"]["s1"] = "3"  # not a pool size: ignored with a warning, overridable
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
-    with pytest.raises(ValueError, match="s1='3'"):
-        load_pretrained(path)
+    with pytest.warns(UserWarning, match="s1='3'"):
+        assert load_pretrained(path).descriptor_dim == 64 * 4
+    with pytest.warns(UserWarning, match="s1='3'"):
+        assert load_pretrained(path, agg_config={"s1": 3, "s2": 3}).descriptor_dim == 64 * 9
+
+
+def test_renamed_released_warning_only_for_the_released_pool(released, tmp_path):
+    """The bicubic hint is for the released 4096-d model (2x2 pool): the same layers with a
+    3x3 pool, as a Lightning file says, are another model and get no hint."""
+    _, state, _, _ = released
+    path = tmp_path / "run.ckpt"
+    hparams = {"agg_config": {"out_channels": 1024, "s1": 3, "s2": 3}}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = load_pretrained(path)
+    assert model.descriptor_dim == 1024 * 9 and model.preprocess["interpolation"] == "bilinear"
 
 
 # ----------------------------------------------------------------------------- inference

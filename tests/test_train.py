@@ -224,6 +224,22 @@ def test_resume_of_a_checkpoint_that_predates_recorded_settings(dataset, tmp_pat
     assert hist["epoch"].tolist() == [0, 1]
 
 
+def test_resume_with_default_lr_keeps_the_checkpoints(dataset, tmp_path):
+    """An AdamW run saved with SGD's lr (the default before AdamW had its own) resumes when
+    lr / weight_decay are left at None: the run's own values, as its optimizer state holds."""
+    fit(tiny_model(), dataset, epochs=1, optimizer="adamw", lr=0.05, weight_decay=1e-3,
+        checkpoint_dir=tmp_path, **FIT)  # fmt: skip
+    hist = fit(tiny_model(), dataset, epochs=2, optimizer="adamw", checkpoint_dir=tmp_path,
+               resume=True, **FIT)  # fmt: skip
+    assert hist["epoch"].tolist() == [0, 1]
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert (ckpt["fit_args"]["lr"], ckpt["fit_args"]["weight_decay"]) == (0.05, 1e-3)
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == 0.05
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0\.05, now 0\.0002"):
+        fit(tiny_model(), dataset, epochs=3, optimizer="adamw", lr=2e-4,
+            checkpoint_dir=tmp_path, resume=True, **FIT)  # fmt: skip
+
+
 def test_dataset_settings_keep_checkpoints_loadable():
     """Only plain values are recorded: a transform or numpy value must not make the
     checkpoint refuse to load with weights_only."""
@@ -395,21 +411,21 @@ def test_cli_errors(tmp_path, capsys, monkeypatch, sample_root):
         assert message in capsys.readouterr().err, argv
 
 
-def test_cli_finds_the_benchmarks_beside_the_data_root(monkeypatch, sample_root):
-    import argparse
-
-    from vprlib.train_cli import _benchmarks_root
+def test_cli_finds_the_benchmarks_beside_the_data_root(monkeypatch, sample_root, tmp_path):
+    from vprlib.train_cli import _benchmarks_root, _gsv_root
 
     for env in ("VPRLIB_DATA", "VPR_BENCHMARKS_ROOT"):
         monkeypatch.delenv(env, raising=False)
     want = str(sample_root / "benchmarks")
     for data_root in (sample_root, sample_root / "GSV-Cities"):
-        args = argparse.Namespace(benchmarks_root=None, data_root=str(data_root))
-        assert _benchmarks_root(args) == want
-    args = argparse.Namespace(benchmarks_root="/elsewhere", data_root=str(sample_root))
-    assert _benchmarks_root(args) == "/elsewhere"
+        assert _benchmarks_root("gsv_sample", None, _gsv_root(str(data_root))) == want
+    gsv = sample_root / "GSV-Cities"
+    assert _benchmarks_root("gsv_sample", "/elsewhere", gsv) == "/elsewhere"
+    npy = tmp_path / "pitts30k_test_dbImages.npy"  # a path keeps its own root
+    npy.touch()
+    assert _benchmarks_root(str(npy), None, gsv) is None
     monkeypatch.setenv("VPR_BENCHMARKS_ROOT", "/from/env")  # load_benchmark reads it
-    assert _benchmarks_root(argparse.Namespace(benchmarks_root=None, data_root="x")) is None
+    assert _benchmarks_root("gsv_sample", None, gsv) is None
 
 
 def test_cli_reaches_every_fit_argument(monkeypatch):

@@ -601,6 +601,8 @@ def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
     for i, entry in enumerate(arr):
         try:
             g = np.asarray(entry)
+            if g.dtype == object and all(_is_index(v) for v in g.reshape(-1)):
+                g = g.astype(np.int64)  # e.g. np.array(lists of equal length, dtype=object)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{file}: query {i}: expected {GT_LAYOUT}; {e}") from e
         if g.size and g.dtype.kind not in "iu":
@@ -616,6 +618,10 @@ def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
                 f"the database of {num_db} images"
             )
     return gt
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _msls_official(

@@ -146,20 +146,26 @@ def _first_city_id(path: Path) -> str | None:
     return row[column]
 
 
-def _refuse_shared_city_ids(ids: dict[str, str | None], csvs: dict[str, Path]) -> None:
-    """Two CSVs of one city_id (a copied file) would merge into the same places, each image
-    twice: refused, naming the files."""
-    stems_of: dict[str, list[str]] = {}
-    for stem, cid in ids.items():
-        if cid is not None:
-            stems_of.setdefault(cid, []).append(stem)
-    for cid, stems in stems_of.items():
-        if len(stems) > 1:
-            files = ", ".join(str(csvs[s]) for s in stems)
-            raise ValueError(
-                f"city_id {cid!r} is the city of several CSVs ({files}): their places would "
-                "merge and every image count twice; keep one CSV per city"
-            )
+def _refuse_shared_images(chosen: list[str], ids: dict, frames: list, csvs: dict) -> None:
+    """Chosen CSVs of one city_id share its places; one listing the other's images (a copied
+    or overlapping file) would count each of those images twice: refused, naming the files.
+    A city split into CSVs of different images is fine."""
+    stems_of: dict[str, list[int]] = {}
+    for i, stem in enumerate(chosen):
+        stems_of.setdefault(ids[stem], []).append(i)
+    for cid, rows in stems_of.items():
+        if cid is None or len(rows) < 2:
+            continue
+        seen: dict[str, str] = {}
+        for i in rows:
+            for path in frames[i]["path"].tolist():
+                if path in seen:
+                    raise ValueError(
+                        f"{csvs[seen[path]]} and {csvs[chosen[i]]} (city_id {cid!r}) both list "
+                        f"{path}: the image would count twice in its place; keep one of the "
+                        "CSVs or choose cities= without the copy"
+                    )
+            seen.update(dict.fromkeys(frames[i]["path"].tolist(), chosen[i]))
 
 
 def _city_csvs(root: Path) -> dict[str, Path]:
@@ -249,12 +255,12 @@ def read_gsv_dataframes(
     root = _check_root(root)
     csvs = _city_csvs(root)
     ids = {stem: _first_city_id(p) for stem, p in csvs.items()}
-    _refuse_shared_city_ids(ids, csvs)
     order = {cid: i for i, cid in enumerate(sorted({c for c in ids.values() if c is not None}))}
     chosen = _resolve(cities, ids, "cities (CSV stem, city_id in brackets)")
     workers = min(len(chosen), threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # one city CSV per task
         frames = list(pool.map(lambda s: read_city(csvs[s], order), chosen))
+    _refuse_shared_images(chosen, ids, frames, csvs)
     out = pd.concat(frames, ignore_index=True)
     if check_files:
         stems = np.repeat(np.array(chosen, dtype=object), [len(f) for f in frames])

@@ -408,12 +408,14 @@ def _lightning_pool_size(hparams: Any, path: Path) -> tuple[int, int] | None:
     if not isinstance(agg_config, dict) or "s1" not in agg_config or "s2" not in agg_config:
         return None
     s1, s2 = agg_config["s1"], agg_config["s2"]
-    if not all(isinstance(v, int) and v > 0 for v in (s1, s2)):
-        raise ValueError(
-            f"{path}: hyper_parameters agg_config has s1={s1!r}, s2={s2!r}; expected positive "
-            "integers (Conv-AP's pool size)"
+    if not all(isinstance(v, (int, float)) and v == int(v) and v > 0 for v in (s1, s2)):
+        warnings.warn(
+            f"{path}: hyper_parameters agg_config has s1={s1!r}, s2={s2!r}, not a pool size "
+            "(positive integers): ignored; Conv-AP is read as 2x2 unless agg_config= says",
+            stacklevel=3,
         )
-    return s1, s2
+        return None
+    return int(s1), int(s2)
 
 
 def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -611,6 +613,7 @@ def _warn_if_renamed_bicubic(path: Path, config: dict, kw: dict) -> None:
         config["backbone"] == "resnet50"
         and config["agg"] == "convap"
         and config["agg_config"].get("out_channels") == 1024
+        and config["agg_config"].get("s1", 2) == config["agg_config"].get("s2", 2) == 2
         and not config["layers_to_crop"]
     )
     if released_arch and path.stem not in BICUBIC_RELEASED and "interpolation" not in kw:

@@ -371,7 +371,7 @@ def fit(
     Knobs (defaults follow the paper's recipe, lr from later work):
     - epochs, places_per_batch (P; K comes from the dataset), lr, optimizer ("sgd" | "adamw"),
       momentum (SGD only), weight_decay. lr / weight_decay None: 0.05 / 1e-3 for SGD, 2e-4 / 0
-      for AdamW (`OPTIMIZER_DEFAULTS`). Under torchrun P is the GLOBAL batch, split evenly
+      for AdamW (`OPTIMIZER_DEFAULTS`); on resume, the checkpoint's. Under torchrun P is the GLOBAL batch, split evenly
       over the processes (see "Several GPUs" below).
     - warmup_steps: linear warm-up from ~0 to lr. The paper used ~500-650 steps on the full
       data (about one epoch; 650 here); the warm-up is clipped to one epoch, so short runs on small
@@ -439,6 +439,7 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if optimizer not in OPTIMIZER_DEFAULTS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    lr_given, decay_given = lr is not None, weight_decay is not None
     lr = OPTIMIZER_DEFAULTS[optimizer]["lr"] if lr is None else lr
     if weight_decay is None:
         weight_decay = OPTIMIZER_DEFAULTS[optimizer]["weight_decay"]
@@ -570,6 +571,10 @@ def fit(
                     "use resume='auto' to start fresh when it is missing"
                 )
             ckpt = load_checkpoint(last_path)
+            for key, given in (("lr", lr_given), ("weight_decay", decay_given)):
+                saved = ckpt.get("fit_args", {}).get(key)
+                if not given and saved is not None:  # None: the run's own (its optimizer state)
+                    fit_args[key] = saved
             _check_resume_args(ckpt, fit_args, model_config, last_path)
             model.load_state_dict(ckpt["state_dict"])
             opt.load_state_dict(ckpt["optimizer"])

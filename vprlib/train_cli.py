@@ -44,7 +44,7 @@ def _gsv_root(data_root: str | None) -> Path:
     if data_root is None:
         data_root = os.environ.get("GSV_CITIES_ROOT") or os.environ.get("VPRLIB_DATA")
         if data_root is None:
-            raise ValueError("give --data-root (or set GSV_CITIES_ROOT or VPRLIB_DATA)")
+            raise FileNotFoundError("give --data-root (or set GSV_CITIES_ROOT or VPRLIB_DATA)")
     root = Path(data_root)
     for candidate in (root, root / "GSV-Cities"):
         if (candidate / "Dataframes").is_dir():
@@ -52,18 +52,16 @@ def _gsv_root(data_root: str | None) -> Path:
     raise FileNotFoundError(f"no Dataframes/ folder in {root} or {root / 'GSV-Cities'}")
 
 
-def _benchmarks_root(args: argparse.Namespace) -> str | None:
-    """--benchmarks-root, else the env variables (load_benchmark reads them), else the
-    `benchmarks/` folder beside --data-root's GSV-Cities when there is one."""
-    if args.benchmarks_root is not None:
-        return args.benchmarks_root
+def _benchmarks_root(val: str, given: str | None, gsv_root: Path) -> str | None:
+    """The root for one --val entry: --benchmarks-root, else for a set's name (not a path)
+    the env variables (load_benchmark reads them), else the `benchmarks/` folder beside the
+    GSV-Cities folder when there is one. A path keeps load_benchmark's own default."""
+    if given is not None or Path(val).expanduser().exists():
+        return given
     if os.environ.get("VPR_BENCHMARKS_ROOT") or os.environ.get("VPRLIB_DATA"):
         return None
-    if args.data_root is not None:
-        for candidate in (Path(args.data_root), Path(args.data_root).parent):
-            if (candidate / "benchmarks").is_dir():
-                return str(candidate / "benchmarks")
-    return None
+    beside = gsv_root.parent / "benchmarks"
+    return str(beside) if beside.is_dir() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,10 +236,11 @@ def main(argv: Sequence[str] | None = None):
     from .gsv_dataset import GSVCitiesDataset
     from .models import VPRModel
 
-    try:  # where the data is: a usage error, not a traceback
+    try:  # data that is not where the arguments say: a usage error, not a traceback
         gsv_root = _gsv_root(args.data_root)
-        val = [load_benchmark(v, root=_benchmarks_root(args)) for v in args.val]
-    except (ValueError, FileNotFoundError) as e:
+        roots = [_benchmarks_root(v, args.benchmarks_root, gsv_root) for v in args.val]
+        val = [load_benchmark(v, root=root) for v, root in zip(args.val, roots, strict=True)]
+    except FileNotFoundError as e:
         parser.error(str(e))
     dataset = GSVCitiesDataset(
         gsv_root,
