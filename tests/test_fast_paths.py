@@ -66,6 +66,27 @@ def test_draw_plans_draws_like_randaugment_and_keeps_the_rng():
     assert plans[1].tolist() == [list(map(int, p)) for p in aug.draw(*SIZE)]
 
 
+def test_draw_plans_ignore_another_thread_drawing_from_the_global_rng():
+    """With num_workers=0 a prefetch thread builds the items while the main thread may draw
+    random numbers: each image's plan must still come from its seed alone."""
+    seeds = list(range(300))
+    want = T.draw_plans(seeds, *SIZE)
+    stop = threading.Event()
+
+    def draw_meanwhile():
+        while not stop.is_set():
+            torch.rand(64)
+
+    other = threading.Thread(target=draw_meanwhile)
+    other.start()
+    try:
+        got = [T.draw_plans(seeds, *SIZE) for _ in range(5)]
+    finally:
+        stop.set()
+        other.join()
+    assert all(torch.equal(g, want) for g in got)
+
+
 def test_batched_equalize_matches_torchvision_per_image():
     batch = images(6, seed=3)
     batch[1] = 77  # a flat image: identity table

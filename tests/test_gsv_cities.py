@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 from vprlib import gsv_cities as G
 from vprlib import gsv_csv
 from vprlib import gsv_dataset as D
-from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vprlib.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work
 pytestmark = pytest.mark.filterwarnings(
@@ -568,6 +568,26 @@ def test_corrupt_image_error_and_skip(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="only 3 readable images"):
             strict[0]
+
+
+def test_every_decode_mode_reads_what_the_cpu_reads(tmp_path):
+    """A JPEG with padding after its end marker and a PNG under a .jpg name: decode="cpu"
+    reads them, so "gpu" and "mixed" (fit's default on CUDA) must too, to the same pixels."""
+    root, names = small_tree(tmp_path)
+    folder = root / "Images" / "TST"
+    padded, png = folder / names[4], folder / names[3]  # the two most recent of place 0
+    padded.write_bytes(padded.read_bytes() + bytes(16))
+    Image.open(png).save(png, format="PNG")
+    kw = dict(image_size=(16, 16), random_sample=False, augment=False)
+    want, _ = D.GSVCitiesDataset(root, decode="cpu", **kw)[0]
+    for decode in ("gpu", "mixed"):
+        ds = D.GSVCitiesDataset(root, decode=decode, **kw)
+        images, _ = ds.collate_fn([ds[0]])
+        got = ds.batch_to_device(images, torch.device("cpu"))
+        assert torch.equal(got, to_model_input(want, torch.device("cpu"))), decode
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))  # a broken non-JPEG: refused at load
+    with pytest.raises(ValueError, match=names[3]):
+        D.GSVCitiesDataset(root, decode="gpu", **kw)[0]
 
 
 def test_gpu_path_on_cpu_matches_cpu_path(ds_args, gsv_root):

@@ -144,16 +144,18 @@ class EncodedImages:
         )
 
 
+JPEG_TAIL = 1024  # bytes searched for the end marker: some files carry padding after it
+
+
+def _is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() > 4 and data[0] == 0xFF and data[1] == 0xD8
+
+
 def _looks_complete_jpeg(data: torch.Tensor) -> bool:
-    """JPEG start and end markers present (a truncated file lacks the end marker)."""
-    n = data.numel()
-    return (
-        n > 4
-        and data[0] == 0xFF
-        and data[1] == 0xD8
-        and data[n - 2] == 0xFF
-        and data[n - 1] == 0xD9
-    )
+    """A JPEG whose end marker (FF D9) lies in its last KiB: a truncated file lacks it (in
+    the compressed data FF is never followed by D9), padding after it is allowed."""
+    tail = data[-JPEG_TAIL:]
+    return _is_jpeg(data) and bool(((tail[:-1] == 0xFF) & (tail[1:] == 0xD9)).any())
 
 
 class GSVCitiesDataset(torch.utils.data.Dataset):
@@ -330,11 +332,14 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         """The image at `path`: its JPEG bytes (`encoded`, checked for completeness) or
         decoded uint8 [3,H,W]."""
         data = read_image_bytes(path)
-        if encoded:
+        if not encoded:
+            return decode_image_bytes(data, path)
+        if _is_jpeg(data):
             if not _looks_complete_jpeg(data):
                 raise ValueError(f"cannot decode image {path}: not a complete JPEG file")
-            return data
-        return decode_image_bytes(data, path)
+        else:  # another format under a .jpg name: checked here as decode="cpu" would, then
+            decode_image_bytes(data, path)  # decoded on the CPU by decode_jpeg_batch's fallback
+        return data
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):

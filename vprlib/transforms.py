@@ -160,18 +160,20 @@ class FastRandAugment:
             image = self.apply_op(image, op, negate)
         return image
 
-    def draw(self, height: int, width: int) -> list[tuple[int, bool]]:
-        """The random choices of one call on a height x width image, from torch's global RNG
-        (the draws of v2.RandAugment.forward, in the same order): num_ops pairs of (index
-        into `self.ops`, whether the magnitude is negated)."""
+    def draw(
+        self, height: int, width: int, generator: torch.Generator | None = None
+    ) -> list[tuple[int, bool]]:
+        """The random choices of one call on a height x width image, from `generator` (default:
+        torch's global RNG; the draws of v2.RandAugment.forward, in the same order): num_ops
+        pairs of (index into `self.ops`, whether the magnitude is negated)."""
         r = self.reference
         plan = []
         for _ in range(r.num_ops):
-            op = int(torch.randint(len(self.ops), ()))
+            op = int(torch.randint(len(self.ops), (), generator=generator))
             magnitudes_fn, signed = self.ops[op][1]
             negate = False
             if magnitudes_fn(r.num_magnitude_bins, height, width) is not None and signed:
-                negate = bool(torch.rand(()) <= 0.5)
+                negate = bool(torch.rand((), generator=generator) <= 0.5)
             plan.append((op, negate))
         return plan
 
@@ -527,14 +529,15 @@ def draw_plans(
 ) -> torch.Tensor:
     """RandAugment choices of each image, drawn from its own seed: int64 [N, num_ops, 2] of
     (op index into FastRandAugment.ops, negate). The same choices as FastRandAugment called
-    after torch.manual_seed(seed); the global RNG is left untouched. Only the CPU generator is
-    seeded: torch.manual_seed would also reseed every GPU generator (and costs ~0.5 ms)."""
+    after torch.manual_seed(seed), each from a generator of its own: the global RNG is not
+    touched, so another thread drawing from it meanwhile (a prefetch thread builds items when
+    num_workers=0) changes neither."""
     aug = _augmenter(num_ops, interpolation)
     plans = torch.zeros((len(seeds), num_ops, 2), dtype=torch.int64)
-    with torch.random.fork_rng(devices=[]):
-        for i, seed in enumerate(seeds):
-            torch.default_generator.manual_seed(int(seed))
-            plans[i] = torch.tensor(aug.draw(height, width), dtype=torch.int64)
+    generator = torch.Generator()
+    for i, seed in enumerate(seeds):
+        generator.manual_seed(int(seed))
+        plans[i] = torch.tensor(aug.draw(height, width, generator), dtype=torch.int64)
     return plans
 
 
