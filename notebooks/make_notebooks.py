@@ -310,7 +310,7 @@ else:
 
 CHECKPOINT_DIR = Path("../checkpoints/02_convap")  # notebooks 03 and 04 read last.ckpt here
 # (with USE_DRIVE it goes to Drive: set VPRLIB_WEIGHTS to that last.ckpt for 03 and 04)
-RESUME = False
+RESUME = "auto"  # continue the run CHECKPOINT_DIR holds, if any (fit never overwrites one)
 """
         ),
         code(
@@ -320,7 +320,6 @@ RESUME = False
 
                 drive.mount("/content/drive")
                 CHECKPOINT_DIR = Path("/content/drive/MyDrive/vprlib/checkpoints/02_convap")
-                RESUME = "auto"  # continue from last.ckpt if a previous session left one
             """
         ),
         code(

@@ -74,8 +74,13 @@ def test_overwriting_keeps_the_files_mode(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"<!DOCTYPE html><html>quota</html>", b"PK\x03\x04 truncated zip"],
-    ids=["empty", "html", "broken-zip"],
+    [
+        b"",
+        b"<!DOCTYPE html><html>quota</html>",
+        b"PK\x03\x04 truncated zip",
+        b"epoch,steps,loss\n0,2,1.6\n",  # a history.csv: IndexError inside torch's unpickler
+    ],
+    ids=["empty", "html", "broken-zip", "csv"],
 )
 def test_safe_torch_load_names_the_file_for_any_unreadable_bytes(tmp_path, content):
     import pickle

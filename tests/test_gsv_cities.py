@@ -291,6 +291,13 @@ def small_tree(tmp_path, rows=None, city="Testville", city_id="TST"):
     return root, names
 
 
+def test_a_root_one_level_off_gets_a_hint(sample_root):
+    with pytest.raises(FileNotFoundError, match=r"did you mean .*GSV-Cities\?"):
+        G.read_gsv_dataframes(sample_root)
+    with pytest.raises(FileNotFoundError, match=r"did you mean .*GSV-Cities\?"):
+        G.read_gsv_dataframes(sample_root / "GSV-Cities" / "Dataframes")
+
+
 def test_read_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.*Dataframes"):
         G.read_gsv_dataframes(tmp_path / "nowhere")

@@ -143,6 +143,14 @@ def test_lightning_file_of_the_reference_code_keeps_its_pool_size(tmp_path):
         assert load_pretrained(path, agg_config={"s1": 3, "s2": 3}).descriptor_dim == 64 * 9
 
 
+def test_an_override_that_does_not_fit_names_the_file(tmp_path):
+    tv, state = released_layout(out_channels=64, crop4=True, seed=4)
+    path = tmp_path / "crop.ckpt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"crop\.ckpt: unknown agg_config .*with \{'agg': 'gem'\}"):
+        load_pretrained(path, agg="gem")  # the file's Conv-AP settings do not fit GeM
+
+
 def test_renamed_released_warning_only_for_the_released_pool(released, tmp_path):
     """The bicubic hint is for the released 4096-d model (2x2 pool): the same layers with a
     3x3 pool, as a Lightning file says, are another model and get no hint."""

@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -238,6 +239,35 @@ def test_resume_with_default_lr_keeps_the_checkpoints(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"lr: checkpoint 0\.05, now 0\.0002"):
         fit(tiny_model(), dataset, epochs=3, optimizer="adamw", lr=2e-4,
             checkpoint_dir=tmp_path, resume=True, **FIT)  # fmt: skip
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(dataset, tmp_path):
+    """resume=False into a folder holding last.ckpt would overwrite it after one epoch (a
+    crashed 10-epoch run re-run without resume): refused, the files left as they were."""
+    fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, **FIT)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match=r"last\.ckpt holds an earlier run.*resume"):
+        fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, **FIT)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    hist = fit(tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume="auto", **FIT)
+    assert hist["epoch"].tolist() == [0, 1]
+
+
+def test_more_places_per_batch_than_places_is_refused(gsv_root):
+    one_city = vprlib.GSVCitiesDataset(gsv_root, cities=["London"], image_size=(SIZE, SIZE))
+    n = len(one_city)
+    with pytest.raises(ValueError, match=f"places_per_batch={n + 1} but .* has {n} places"):
+        fit(tiny_model(), one_city, epochs=1, **{**FIT, "places_per_batch": n + 1})
+
+
+def test_validation_at_another_size_than_training_warns(dataset, bench):
+    model = tiny_model()
+    model.preprocess = {"image_size": (48, 48)}
+    with pytest.warns(UserWarning, match=f"validating at 48x48 .* training at {SIZE}x{SIZE}"):
+        fit(model, dataset, epochs=1, val=bench, **FIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(model, dataset, epochs=1, val=bench, val_image_size=SIZE, **FIT)
 
 
 def test_dataset_settings_keep_checkpoints_loadable():

@@ -507,6 +507,7 @@ class EvalResults:
         return pd.DataFrame([row])
 
     def summary(self) -> str:
+        """One line: recalls, set sizes, queries without positives and how they count."""
         recalls = "  ".join(f"R@{k} {100 * v:.1f}" for k, v in sorted(self.recalls.items()))
         empty = self.num_without_positives
         policy = "dropped" if self.skip_empty else "counted as misses"

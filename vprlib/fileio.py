@@ -93,9 +93,12 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             "could run code on an unsafe load, or it is not a PyTorch checkpoint at all). "
             f"Loader said: {' '.join(detail)}"
         ) from e
-    except (RuntimeError, EOFError, KeyError, ValueError, struct.error, OSError) as e:
+    except (
+        RuntimeError, EOFError, KeyError, IndexError, ValueError, struct.error, OSError
+    ) as e:  # fmt: skip
         # what torch.load raises on an empty, truncated or foreign file, depending on where
-        # the bytes stop making sense (OSError "Invalid argument": a small cut zip file)
+        # the bytes stop making sense (OSError "Invalid argument": a small cut zip file;
+        # IndexError "pop from empty list": a CSV file)
         if isinstance(e, OSError) and e.errno != errno.EINVAL:
             raise  # a disk or permission problem, not a bad file
         raise ValueError(

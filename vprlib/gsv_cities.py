@@ -123,7 +123,14 @@ def _check_root(root) -> Path:
     root = Path(root)
     if not (root / "Dataframes").is_dir():
         what = "does not exist" if not root.exists() else "has no Dataframes/ folder"
-        raise FileNotFoundError(f"GSV-Cities root {root} {what}; expected the layout {LAYOUT}")
+        hint = ""
+        if (root / "GSV-Cities" / "Dataframes").is_dir():
+            hint = f" (did you mean {root / 'GSV-Cities'}?)"
+        elif root.name == "Dataframes":
+            hint = f" (did you mean {root.parent}?)"
+        raise FileNotFoundError(
+            f"GSV-Cities root {root} {what}{hint}; expected the layout {LAYOUT}"
+        )
     return root
 
 

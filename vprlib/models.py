@@ -598,7 +598,11 @@ def load_pretrained(name_or_path: str | os.PathLike, **kw: Any) -> VPRModel:
         elif key in kw:
             config[key] = kw[key]
     config["pretrained"] = False
-    model = VPRModel(**config)
+    try:
+        model = VPRModel(**config)
+    except ValueError as e:  # an override that does not fit the weights
+        given = {k: kw[k] for k in MODEL_OPTIONS if k in kw}
+        raise ValueError(f"{path}: {e} (model built from the file's config with {given})") from e
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     model.preprocess = preprocess

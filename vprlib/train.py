@@ -398,7 +398,8 @@ def fit(
       first benchmark's R@1 improves. Checkpoints hold the model's `preprocess` with the
       validation image size, so `load_pretrained(best.ckpt)` evaluates as validation did.
       resume: True continues from `last.ckpt` (error if it is missing),
-      "auto" continues if it exists and starts fresh otherwise (handy on Colab).
+      "auto" continues if it exists and starts fresh otherwise (handy on Colab); False (a
+      fresh run) refuses a checkpoint_dir that holds a last.ckpt, which it would overwrite.
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
       on (seed, e). Which images of a place are drawn and how they are augmented follow the
       dataset's own seed (`GSVCitiesDataset(seed=...)`, default 0), not this one: for a seed
@@ -431,7 +432,8 @@ def fit(
     Returns a DataFrame with one row per epoch: epoch (0-based), steps (optimizer steps so
     far), loss and b_acc (epoch means), lr (of the epoch's last step), seconds and
     images_per_s (training part of the epoch), then `<benchmark>_R@1/5/10` in [0, 1].
-    b_acc is the share of images that produced no hard positive pair (see losses.py).
+    b_acc is the share of images that produced no hard positive pair (see losses.py); NaN
+    without a miner (unless the loss mines itself, as DenseMultiSimilarity does).
     """
     import pandas as pd
 
@@ -461,9 +463,24 @@ def fit(
         raise ValueError(f"gamma must be > 0 (the lr factor at each milestone), got {gamma}")
     if any(int(m) != m or m < 0 for m in milestones):
         raise ValueError(f"milestones must be epoch numbers >= 0, got {list(milestones)}")
+    if len(train_dataset) < places_per_batch:
+        raise ValueError(
+            f"places_per_batch={places_per_batch} but the training dataset has "
+            f"{len(train_dataset)} places: every batch would hold {len(train_dataset)}; "
+            "lower places_per_batch"
+        )
     benchmarks = _as_benchmarks(val)
     if benchmarks:  # a bad size would otherwise surface only after the first epoch
-        preprocess_config(model, val_image_size)
+        val_size = preprocess_config(model, val_image_size)["image_size"]
+        train_size = getattr(train_dataset, "image_size", None)
+        if val_image_size is None and train_size is not None and tuple(train_size) != val_size:
+            warnings.warn(
+                f"validating at {val_size[0]}x{val_size[1]} (the model's preprocess) while "
+                f"training at {train_size[0]}x{train_size[1]}; checkpoints record the "
+                "validation size for load_pretrained. Pass val_image_size= (or set "
+                "model.preprocess) to choose",
+                stacklevel=2,
+            )
     # torchrun (WORLD_SIZE > 1): join the process group, one device per rank (distributed.py).
     world_size, rank, local_rank = distributed.torchrun_ranks()
     per_rank = distributed.places_per_rank(places_per_batch, world_size)  # raises before joining
@@ -552,13 +569,18 @@ def fit(
         # Resume: weights, optimizer, schedule, scaler, RNG and history from last.ckpt.
         start_epoch, global_step, history = 0, 0, []
         last_path = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
-        if resume:  # every rank must see the same folder, or they would start apart
+        if last_path is not None:  # every rank must see the same folder, or they would start apart
             seen = distributed.gather_objects(last_path.is_file(), ctx)
             if any(seen) and not all(seen):
                 blind = [r for r, s in enumerate(seen) if not s]
                 raise FileNotFoundError(
                     f"{last_path} exists for some processes but not for ranks {blind}: "
                     "checkpoint_dir must be a folder every process sees (a shared disk)"
+                )
+            if all(seen) and not resume:  # a fresh run would overwrite it after one epoch
+                raise FileExistsError(
+                    f"{last_path} holds an earlier run: resume=True (or 'auto') continues it; "
+                    "to start over, choose another checkpoint_dir or delete that one"
                 )
         if resume == "auto" and not last_path.is_file():
             warnings.warn(
