@@ -272,3 +272,25 @@ def test_train_step_with_dense_loss_never_syncs():
             torch.cuda.set_sync_debug_mode(0)
     assert losses["DenseMultiSimilarity"] > 0
     assert losses["DenseMultiSimilarity"] == pytest.approx(losses["MultiSimilarityLoss"], rel=1e-4)
+
+
+def test_prefetch_marks_tensors_in_dicts_as_used_on_the_consumer_stream(monkeypatch):
+    """A to_device returning a dict: its CUDA tensors are recorded on the consumer's stream
+    (else the allocator may reuse their memory while the step still reads them); and
+    to_model_input back to the CPU is a finished copy."""
+    from vprlib.transforms import prefetch_to_device, to_model_input
+
+    recorded = []
+    original = torch.Tensor.record_stream
+
+    def record(self, stream):
+        recorded.append(self.data_ptr())
+        return original(self, stream)
+
+    monkeypatch.setattr(torch.Tensor, "record_stream", record)
+    batches = [torch.full((4,), i) for i in range(3)]
+    out = list(prefetch_to_device(batches, lambda b: {"x": b.to(CUDA)}, CUDA, 1))
+    assert [int(o["x"][0]) for o in out] == [0, 1, 2]
+    assert {o["x"].data_ptr() for o in out} <= set(recorded)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, device=CUDA)
+    assert torch.equal(to_model_input(images, CPU), to_model_input(images.cpu(), CPU))

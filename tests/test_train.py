@@ -323,6 +323,20 @@ def test_resume_may_add_validation(dataset, bench, tmp_path):
     assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 1
 
 
+def test_resume_keeps_the_validation_size(dataset, bench, tmp_path):
+    """best.ckpt compares R@1 over all epochs: a resume validating at another size would
+    compare recalls at two resolutions, so it is refused; dropping validation is fine."""
+    fit(tiny_model(), dataset, epochs=1, checkpoint_dir=tmp_path, val=bench,
+        val_image_size=SIZE, **FIT)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"validation image size: checkpoint \(32, 32\), now \(48, 48\)"
+    ):
+        fit(tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, val=bench,
+            val_image_size=48, **FIT)  # fmt: skip
+    hist = fit(tiny_model(), dataset, epochs=2, checkpoint_dir=tmp_path, resume=True, **FIT)
+    assert hist["epoch"].tolist() == [0, 1]
+
+
 def test_bad_arguments(dataset, bench):
     for kw, match in [
         ({"precision": "fp8"}, "precision"),

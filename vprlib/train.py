@@ -261,8 +261,12 @@ def _mining_places(fit_args: dict) -> int | None:
     return places // world
 
 
-def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path) -> None:
-    """Raise naming every argument that differs from the checkpoint's run."""
+def _check_resume_args(
+    ckpt: dict, fit_args: dict, model_config: Any, path: Path, val_size: Any = None
+) -> None:
+    """Raise naming every argument that differs from the checkpoint's run. `val_size`: the
+    image size this run validates at (None: no validation); it must be the size the
+    checkpoint's run validated at, as best.ckpt compares R@1 over all epochs."""
     saved = ckpt.get("fit_args", {})
     diffs = [  # keys a checkpoint of an older vprlib lacks (e.g. "dataset") are not compared
         f"{k}: checkpoint {saved[k]!r}, now {fit_args[k]!r}"
@@ -294,6 +298,14 @@ def _check_resume_args(ckpt: dict, fit_args: dict, model_config: Any, path: Path
             ]
         else:
             diffs.append(f"model_config: checkpoint {saved_config!r}, now {model_config!r}")
+    was_size = (ckpt.get("preprocess") or {}).get("image_size")
+    validated = any(k.endswith("_R@1") for row in ckpt.get("history", []) for k in row)
+    if val_size is not None and was_size is not None and validated:
+        if tuple(was_size) != tuple(val_size):
+            diffs.append(
+                f"validation image size: checkpoint {tuple(was_size)}, now {tuple(val_size)} "
+                "(best.ckpt compares R@1 over epochs)"
+            )
     if diffs:
         raise ValueError(
             f"cannot resume from {path}: arguments differ from the checkpointed run:\n  "
@@ -597,7 +609,8 @@ def fit(
                 saved = ckpt.get("fit_args", {}).get(key)
                 if not given and saved is not None:  # None: the run's own (its optimizer state)
                     fit_args[key] = saved
-            _check_resume_args(ckpt, fit_args, model_config, last_path)
+            val_size = saved_preprocess["image_size"] if benchmarks and saved_preprocess else None
+            _check_resume_args(ckpt, fit_args, model_config, last_path, val_size)
             model.load_state_dict(ckpt["state_dict"])
             opt.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])

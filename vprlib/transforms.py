@@ -62,7 +62,8 @@ def to_model_input(
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [N,3,H,W] or [P,K,3,H,W], got {tuple(images.shape)}")
     device = torch.device(device)
-    images = images.to(device, non_blocking=True)
+    # asynchronous only towards a GPU: a copy to the CPU must be done before it is read
+    images = images.to(device, non_blocking=device.type == "cuda")
     if images.dtype == torch.uint8:
         images = normalize(images, mean, std)
     elif images.is_floating_point():
@@ -658,6 +659,9 @@ def _record_stream(obj, stream) -> None:
     elif isinstance(obj, (list, tuple)):
         for item in obj:
             _record_stream(item, stream)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _record_stream(item, stream)
 
 
 def prefetch_to_device(
@@ -667,8 +671,8 @@ def prefetch_to_device(
     depth: int = 1,
     priority: int = 0,
 ) -> Iterator:
-    """Yield `to_device(batch)` for each batch, computed up to `depth` batches ahead in a
-    background thread, so that decoding/augmenting/copying the next batch overlaps the
+    """Yield `to_device(batch)` for each batch, computed ahead in a background thread (up to
+    `depth` batches wait in its queue, one more is in the making), so that decoding/augmenting/copying the next batch overlaps the
     training step on the current one. On CUDA the thread works on a side stream and the
     consumer's stream waits on an event per batch (no host sync). depth=0: plain loop.
     `priority`: that side stream's CUDA priority (lower is higher, e.g. -1: the GPU starts
