@@ -310,7 +310,9 @@ else:
 
 CHECKPOINT_DIR = Path("../checkpoints/02_convap")  # notebooks 03 and 04 read last.ckpt here
 # (with USE_DRIVE it goes to Drive: set VPRLIB_WEIGHTS to that last.ckpt for 03 and 04)
-RESUME = "auto"  # continue the run CHECKPOINT_DIR holds, if any (fit never overwrites one)
+# A full run continues the run CHECKPOINT_DIR holds (after a disconnect); a tiny run starts
+# over: the training cell clears it, as fit itself never overwrites a run.
+RESUME = "auto" if FULL_RUN else False
 """
         ),
         code(
@@ -399,6 +401,10 @@ RESUME = "auto"  # continue the run CHECKPOINT_DIR holds, if any (fit never over
         ),
         code(
             """
+            import shutil
+
+            if not RESUME and (CHECKPOINT_DIR / "last.ckpt").exists():
+                shutil.rmtree(CHECKPOINT_DIR)  # the earlier tiny run (see RESUME above)
             history = vprlib.fit(
                 model, train_ds, epochs=EPOCHS, places_per_batch=PLACES_PER_BATCH,
                 optimizer=OPTIMIZER, lr=LR, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_STEPS,

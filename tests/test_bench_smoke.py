@@ -73,6 +73,7 @@ def test_train_throughput_prints_its_ratio_table():
     modes = ["cpu", "cpu/dense", "mixed:2", "gpu", "gpu/2s/p1"]
     assert list(rows) == ["model", "model/dense", *modes], out
     assert rows["model"][-1] == rows["model/dense"][-1] == "1.00"
+    assert re.search(rf"^cpu/dense vs cpu, end to end: {NUMBER}x \(", out, re.M), out
     for mode in modes:
         assert len(rows[mode]) == 3 and all(positive(v) for v in rows[mode])
     assert re.search(r"^best: \S+ at [0-9.]+ of model-only", out, re.M), out

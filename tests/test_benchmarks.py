@@ -238,6 +238,7 @@ def test_list_format_gt_out_of_range(tmp_path):
         ("float", "float64"),
         ("rows_with_query_index", "query 0"),
         ("pickled_dict", "single dict"),
+        ("dense_object", "dense"),
     ],
 )
 def test_list_format_refuses_wrong_ground_truth_layouts(tmp_path, layout, message):
@@ -255,6 +256,7 @@ def test_list_format_refuses_wrong_ground_truth_layouts(tmp_path, layout, messag
         "float": np.array([[0.7], [2.9]]),
         "rows_with_query_index": rows,
         "pickled_dict": np.array({"q0": [3]}, dtype=object),
+        "dense_object": mask.astype(np.int64).astype(object),  # ints saved as objects
     }[layout]
     np.save(npy / "toy_gt.npy", wrong, allow_pickle=True)
     with pytest.raises(ValueError, match=message) as info:

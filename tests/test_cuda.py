@@ -292,5 +292,8 @@ def test_prefetch_marks_tensors_in_dicts_as_used_on_the_consumer_stream(monkeypa
     out = list(prefetch_to_device(batches, lambda b: {"x": b.to(CUDA)}, CUDA, 1))
     assert [int(o["x"][0]) for o in out] == [0, 1, 2]
     assert {o["x"].data_ptr() for o in out} <= set(recorded)
-    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, device=CUDA)
-    assert torch.equal(to_model_input(images, CPU), to_model_input(images.cpu(), CPU))
+    images = torch.zeros((8, 3, 256, 256), dtype=torch.uint8, device=CUDA)
+    torch.cuda._sleep(int(2e8))  # the GPU is busy for a while before it writes the images
+    images.fill_(200)
+    got = to_model_input(images, CPU)  # an unfinished copy would hold zeros
+    assert torch.equal(got, to_model_input(torch.full_like(images, 200).cpu(), CPU))

@@ -583,7 +583,7 @@ def test_every_decode_mode_reads_what_the_cpu_reads(tmp_path):
     root, names = small_tree(tmp_path)
     folder = root / "Images" / "TST"
     padded, png = folder / names[4], folder / names[3]  # the two most recent of place 0
-    padded.write_bytes(padded.read_bytes() + bytes(16))
+    padded.write_bytes(padded.read_bytes() + bytes(3000))  # a long trailer: checked on the CPU
     Image.open(png).save(png, format="PNG")
     kw = dict(image_size=(16, 16), random_sample=False, augment=False)
     want, _ = D.GSVCitiesDataset(root, decode="cpu", **kw)[0]

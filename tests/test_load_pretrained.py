@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -141,6 +142,11 @@ def test_lightning_file_of_the_reference_code_keeps_its_pool_size(tmp_path):
         assert load_pretrained(path).descriptor_dim == 64 * 4
     with pytest.warns(UserWarning, match="s1='3'"):
         assert load_pretrained(path, agg_config={"s1": 3, "s2": 3}).descriptor_dim == 64 * 9
+    for bad in (math.nan, math.inf, True, 0):
+        hparams["agg_config"]["s1"] = bad
+        torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+        with pytest.warns(UserWarning, match="not a pool size"):
+            assert load_pretrained(path).descriptor_dim == 64 * 4
 
 
 def test_an_override_that_does_not_fit_names_the_file(tmp_path):

@@ -268,6 +268,10 @@ def test_validation_at_another_size_than_training_warns(dataset, bench):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fit(model, dataset, epochs=1, val=bench, val_image_size=SIZE, **FIT)
+    square = copy.copy(dataset)
+    square.image_size = SIZE  # an int, as a user's own dataset may give it
+    with pytest.warns(UserWarning, match=f"training at {SIZE}x{SIZE}"):
+        fit(model, square, epochs=1, val=bench, **FIT)
 
 
 def test_dataset_settings_keep_checkpoints_loadable():
@@ -391,9 +395,11 @@ def test_lr_and_weight_decay_default_per_optimizer(dataset, tmp_path, optimizer,
     assert group["initial_lr"] == lr and group["weight_decay"] == weight_decay
 
 
-def test_negative_seeds_are_refused_by_name(gsv_root):
+def test_negative_seeds_are_refused_by_name(gsv_root, dataset):
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         PlaceSampler(5, seed=-1)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -3"):
+        fit(tiny_model(), dataset, epochs=1, seed=-3, **FIT)
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -2"):
         vprlib.GSVCitiesDataset(gsv_root, image_size=(32, 32), seed=-2)
 

@@ -19,6 +19,14 @@ from .distributed import shard_places
 from .transforms import prefetch_to_device, to_model_input
 
 
+def check_seed(seed) -> int:
+    """`seed` as an int, refused by name unless a whole number >= 0 (numpy's own error for a
+    negative seed does not say which argument)."""
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
 class PlaceSampler(torch.utils.data.Sampler):
     """Every place once per epoch, in an order that depends only on (seed, epoch).
 
@@ -43,10 +51,8 @@ class PlaceSampler(torch.utils.data.Sampler):
             raise ValueError(f"the training dataset is empty (num_places={num_places})")
         if world_size > 1 and places_per_batch is None:
             raise ValueError("PlaceSampler: world_size > 1 needs places_per_batch (global)")
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.num_places = num_places
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.num_samples = num_places if num_samples is None else min(num_samples, num_places)
         self.places_per_batch, self.world_size, self.rank = places_per_batch, world_size, rank
         self.epoch = 0

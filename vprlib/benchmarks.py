@@ -587,6 +587,8 @@ def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
     A dense [Q, N_db] mask, non-integer entries or a pickled object are refused (read as
     indices they would give made-up positives)."""
     arr = load_npy(file)
+    if arr.dtype == object and arr.ndim == 2 and all(_is_index(v) for v in arr.reshape(-1)):
+        arr = arr.astype(np.int64)  # lists of equal length saved as objects: a 2-D int array
     if arr.ndim == 0:
         raise ValueError(
             f"{file}: expected {GT_LAYOUT}; found a single {type(arr.item()).__name__}"

@@ -163,16 +163,16 @@ def _refuse_shared_images(chosen: list[str], ids: dict, frames: list, csvs: dict
     for cid, rows in stems_of.items():
         if cid is None or len(rows) < 2:
             continue
-        seen: dict[str, str] = {}
-        for i in rows:
-            for path in frames[i]["path"].tolist():
-                if path in seen:
-                    raise ValueError(
-                        f"{csvs[seen[path]]} and {csvs[chosen[i]]} (city_id {cid!r}) both list "
-                        f"{path}: the image would count twice in its place; keep one of the "
-                        "CSVs or choose cities= without the copy"
-                    )
-            seen.update(dict.fromkeys(frames[i]["path"].tolist(), chosen[i]))
+        paths = pd.concat([frames[i]["path"] for i in rows], keys=[chosen[i] for i in rows])
+        twice = paths[paths.duplicated(keep=False)]
+        if len(twice):
+            files = " and ".join(
+                str(csvs[s]) for s in dict.fromkeys(twice.index.get_level_values(0))
+            )
+            raise ValueError(
+                f"{files} (city_id {cid!r}) both list {twice.iloc[0]}: the image would count "
+                "twice in its place; keep one of the CSVs or choose cities= without the copy"
+            )
 
 
 def _city_csvs(root: Path) -> dict[str, Path]:

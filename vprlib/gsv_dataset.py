@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .batching import check_seed
 from .gsv_cities import filter_min_images, read_gsv_dataframes
 from .transforms import (
     AUGMENT_INTERPOLATION,
@@ -147,15 +148,14 @@ class EncodedImages:
 JPEG_TAIL = 1024  # bytes searched for the end marker: some files carry padding after it
 
 
-def _is_jpeg(data: torch.Tensor) -> bool:
-    return data.numel() > 4 and data[0] == 0xFF and data[1] == 0xD8
-
-
 def _looks_complete_jpeg(data: torch.Tensor) -> bool:
     """A JPEG whose end marker (FF D9) lies in its last KiB: a truncated file lacks it (in
-    the compressed data FF is never followed by D9), padding after it is allowed."""
+    the compressed data FF is never followed by D9). A cheap test; what fails it is checked
+    by decoding on the CPU."""
+    if data.numel() <= 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
     tail = data[-JPEG_TAIL:]
-    return _is_jpeg(data) and bool(((tail[:-1] == 0xFF) & (tail[1:] == 0xD9)).any())
+    return bool(((tail[:-1] == 0xFF) & (tail[1:] == 0xD9)).any())
 
 
 class GSVCitiesDataset(torch.utils.data.Dataset):
@@ -238,9 +238,7 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         self.min_img_per_place = int(min_img_per_place)
         self.random_sample = bool(random_sample)
         self.image_size = _size(image_size)
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.epoch = 0
         self.augment = bool(augment)
         self.interpolation = interpolation
@@ -334,11 +332,8 @@ class GSVCitiesDataset(torch.utils.data.Dataset):
         data = read_image_bytes(path)
         if not encoded:
             return decode_image_bytes(data, path)
-        if _is_jpeg(data):
-            if not _looks_complete_jpeg(data):
-                raise ValueError(f"cannot decode image {path}: not a complete JPEG file")
-        else:  # another format under a .jpg name: checked here as decode="cpu" would, then
-            decode_image_bytes(data, path)  # decoded on the CPU by decode_jpeg_batch's fallback
+        if not _looks_complete_jpeg(data):  # cut short? or another format, or a long trailer:
+            decode_image_bytes(data, path)  # checked as decode="cpu" would (raises if unreadable)
         return data
 
     def __getitem__(self, index: int):

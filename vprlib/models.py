@@ -18,6 +18,7 @@ pretrained nets): pass layers_to_freeze=-1 to train everything.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import warnings
@@ -401,6 +402,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(_strip_wrapper_prefix(state), model_config, preprocess, pool_size)
 
 
+def _is_pool_size(value: Any) -> bool:
+    """A whole number >= 1 (3 or 3.0; not True, NaN or inf)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value == int(value)
+        and value >= 1
+    )
+
+
 def _lightning_pool_size(hparams: Any, path: Path) -> tuple[int, int] | None:
     """Conv-AP's s1 x s2 as the reference training code saved it in a Lightning file's
     hyper_parameters (agg_config), or None when the file does not say."""
@@ -408,7 +420,7 @@ def _lightning_pool_size(hparams: Any, path: Path) -> tuple[int, int] | None:
     if not isinstance(agg_config, dict) or "s1" not in agg_config or "s2" not in agg_config:
         return None
     s1, s2 = agg_config["s1"], agg_config["s2"]
-    if not all(isinstance(v, (int, float)) and v == int(v) and v > 0 for v in (s1, s2)):
+    if not all(_is_pool_size(v) for v in (s1, s2)):
         warnings.warn(
             f"{path}: hyper_parameters agg_config has s1={s1!r}, s2={s2!r}, not a pool size "
             "(positive integers): ignored; Conv-AP is read as 2x2 unless agg_config= says",

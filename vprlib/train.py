@@ -37,21 +37,22 @@ import numpy as np
 import torch
 
 from . import distributed
-from .batching import default_stages, device_batches, make_loader
+from .batching import check_seed, default_stages, device_batches, make_loader
 from .distributed import DistContext
 from .evaluate import default_num_workers, preprocess_config
 from .fileio import atomic_torch_save, atomic_write_text, safe_torch_load
 from .losses import DenseMultiSimilarity, batch_accuracy_tensor, get_loss, get_miner
 from .progress import progress_bar
+from .transforms import _size
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
 # lr and weight decay when fit is given None: SGD as in the paper (lr from later work), AdamW
 # as in the later variant of the recipe (REFERENCE)
 OPTIMIZER_DEFAULTS = {
     "sgd": {"lr": 0.05, "weight_decay": 1e-3},
     "adamw": {"lr": 2e-4, "weight_decay": 0.0},
 }
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 RECALL_KS = (1, 5, 10)
 # Arguments that must be the same when a run is resumed: they shape the optimisation itself.
 RESUME_MUST_MATCH = (
@@ -453,6 +454,13 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if optimizer not in OPTIMIZER_DEFAULTS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    check_seed(seed)
+    dense = loss == "DenseMultiSimilarity" or isinstance(loss, DenseMultiSimilarity)
+    if dense and miner is not None:
+        raise ValueError(
+            "loss DenseMultiSimilarity mines its own pairs: pass miner=None "
+            f"(--miner none on the command line); got miner={miner!r}"
+        )
     lr_given, decay_given = lr is not None, weight_decay is not None
     lr = OPTIMIZER_DEFAULTS[optimizer]["lr"] if lr is None else lr
     if weight_decay is None:
@@ -485,7 +493,8 @@ def fit(
     if benchmarks:  # a bad size would otherwise surface only after the first epoch
         val_size = preprocess_config(model, val_image_size)["image_size"]
         train_size = getattr(train_dataset, "image_size", None)
-        if val_image_size is None and train_size is not None and tuple(train_size) != val_size:
+        train_size = _size(train_size) if train_size is not None else None
+        if val_image_size is None and train_size is not None and train_size != val_size:
             warnings.warn(
                 f"validating at {val_size[0]}x{val_size[1]} (the model's preprocess) while "
                 f"training at {train_size[0]}x{train_size[1]}; checkpoints record the "
@@ -546,11 +555,6 @@ def fit(
         loss_fn = (get_loss(loss) if isinstance(loss, str) else loss).to(device)
         distributed.broadcast_module(loss_fn, ctx)  # a loss's own parameters start equal too
         miner_fn = get_miner(miner) if isinstance(miner, str) else miner
-        if isinstance(loss_fn, DenseMultiSimilarity) and miner_fn is not None:
-            raise ValueError(
-                "loss DenseMultiSimilarity mines its own pairs: pass miner=None "
-                f"(--miner none on the command line); got miner={miner!r}"
-            )
         params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
         opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
         loader, sampler = make_loader(
@@ -591,8 +595,8 @@ def fit(
                 )
             if all(seen) and not resume:  # a fresh run would overwrite it after one epoch
                 raise FileExistsError(
-                    f"{last_path} holds an earlier run: resume=True (or 'auto') continues it; "
-                    "to start over, choose another checkpoint_dir or delete that one"
+                    f"{last_path} holds an earlier run: resume=True or 'auto' (--resume) "
+                    "continues it; to start over, choose another checkpoint_dir or delete that one"
                 )
         if resume == "auto" and not last_path.is_file():
             warnings.warn(
