@@ -498,6 +498,24 @@ def test_cli_reaches_every_fit_argument(monkeypatch):
     assert seen["prefetch"] == 2 and seen["log_every"] == 5
 
 
+def test_cli_reports_a_run_it_would_overwrite_as_a_usage_error(sample_root, tmp_path, capsys):
+    from vprlib.train_cli import main
+
+    argv = [
+        "--data-root", str(sample_root), "--backbone", "resnet18", "--no-pretrained",
+        "--layers-to-crop", "3", "4", "--image-size", "32", "32", "--places-per-batch", "4",
+        "--epochs", "1", "--max-steps-per-epoch", "1", "--num-workers", "0", "--no-progress",
+        "--precision", "fp32", "--checkpoint-dir", str(tmp_path),
+    ]  # fmt: skip
+    main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    main([*argv, "--resume"])  # what the message suggests works
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning
 

@@ -260,9 +260,7 @@ def main(argv: Sequence[str] | None = None):
         agg=args.agg,
         agg_config=args.agg_config,
     )
-    history = fit(
-        model,
-        dataset,
+    kw = dict(
         epochs=args.epochs,
         places_per_batch=args.places_per_batch,
         lr=args.lr,
@@ -290,6 +288,10 @@ def main(argv: Sequence[str] | None = None):
         log_every=args.log_every,
         gather_for_mining=args.gather_for_mining,
     )
+    try:
+        history = fit(model, dataset, **kw)
+    except FileExistsError as e:  # a fresh run into a folder holding one: the user's call
+        parser.error(str(e))
     if distributed.is_main_process():  # under torchrun only rank 0 prints (fit wrote history.csv)
         print(history.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return history
