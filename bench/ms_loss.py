@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
         print(f"{name:<14} {rate:>10.1f} {syncs.get(name, '-'):>11}")
     print()
     print(
-        f"ratio dense/library: {rates['dense'] / rates['library']:.2f}x (|loss difference| {diff:.1e})"
+        f"ratio dense/library: {rates['dense'] / rates['library']:.2f}x "
+        f"(|loss difference| {diff:.1e})"
     )
     return {"rates": rates, "syncs": syncs, "loss_difference": diff}
 

@@ -329,8 +329,9 @@ def run_pipeline(
 ):
     """Images/s over args.steps batches after `warmup` batches of one epoch of `loader`,
     through fit's DataLoader -> device_batches path (`stages` threads preparing), with
-    train_step (with `loss`, a Trainer.losses key) when `trainer` is given; plus the Probe's breakdown and the main process's CPU
-    use (cores busy: its threads' CPU time / wall time) over the timed batches. A
+    train_step (with `loss`, a Trainer.losses key) when `trainer` is given; plus the Probe's
+    breakdown and the main process's CPU use (cores busy: its threads' CPU time / wall time)
+    over the timed batches. A
     `profiler` (torch.profiler.profile, not started) records the timed batches."""
     sampler.set_epoch(epoch)
     probe = Probe(loader, dataset, device)

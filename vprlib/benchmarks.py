@@ -587,8 +587,8 @@ def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
     A dense [Q, N_db] mask, non-integer entries or a pickled object are refused (read as
     indices they would give made-up positives)."""
     arr = load_npy(file)
-    if arr.dtype == object and arr.ndim == 2 and all(_is_index(v) for v in arr.reshape(-1)):
-        arr = arr.astype(np.int64)  # lists of equal length saved as objects: a 2-D int array
+    if arr.ndim == 2:  # lists of equal length saved as objects: a 2-D int array
+        arr = _ints_if_indices(arr)
     if arr.ndim == 0:
         raise ValueError(
             f"{file}: expected {GT_LAYOUT}; found a single {type(arr.item()).__name__}"
@@ -602,9 +602,7 @@ def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
     gt = []
     for i, entry in enumerate(arr):
         try:
-            g = np.asarray(entry)
-            if g.dtype == object and all(_is_index(v) for v in g.reshape(-1)):
-                g = g.astype(np.int64)  # e.g. np.array(lists of equal length, dtype=object)
+            g = _ints_if_indices(np.asarray(entry))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{file}: query {i}: expected {GT_LAYOUT}; {e}") from e
         if g.size and g.dtype.kind not in "iu":
@@ -620,6 +618,13 @@ def _load_gt(file: Path, num_db: int) -> list[np.ndarray]:
                 f"the database of {num_db} images"
             )
     return gt
+
+
+def _ints_if_indices(arr: np.ndarray) -> np.ndarray:
+    """An object array of integers (how np.save keeps lists) as int64; anything else as is."""
+    if arr.dtype != object or not all(_is_index(v) for v in arr.reshape(-1)):
+        return arr
+    return arr.astype(np.int64)
 
 
 def _is_index(value: object) -> bool:

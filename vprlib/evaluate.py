@@ -672,6 +672,7 @@ def evaluate(
         benchmark = load_benchmark(benchmark, root=root)
     device = _resolve_device(model, device)
     precision = resolve_eval_precision(precision, device)  # once, for both sets and the table
+    pre = preprocess_config(model, image_size, interpolation)  # what extraction will use
     kw = dict(
         batch_size=batch_size,
         device=device,
@@ -686,6 +687,5 @@ def evaluate(
     q_desc = extract_descriptors(model, benchmark.query_paths, **kw)
     results = evaluate_descriptors(db_desc, q_desc, benchmark, ks=ks, skip_empty=skip_empty)
     results.precision = precision
-    pre = preprocess_config(model, image_size, interpolation)  # what extraction used
     results.images = f"{pre['image_size'][0]}x{pre['image_size'][1]} {pre['interpolation']}"
     return results

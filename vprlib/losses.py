@@ -65,7 +65,8 @@ class DenseMultiSimilarity(torch.nn.Module):
     gradient) keeps, for each anchor i, the positives less similar than its most similar
     negative + epsilon and the negatives more similar than its least similar positive
     - epsilon; the loss per anchor is
-        1/alpha log(1 + sum_p exp(-alpha (s_ip - base))) + 1/beta log(1 + sum_n exp(beta (s_in - base)))
+        1/alpha log(1 + sum_p exp(-alpha (s_ip - base)))
+        + 1/beta log(1 + sum_n exp(beta (s_in - base)))
     over the kept pairs, averaged over all anchors. No op has a data-dependent shape and
     nothing is read back to the host, so on a GPU the step never waits for it (with
     precision="fp16" the GradScaler still reads its overflow check each step).

@@ -634,7 +634,8 @@ def _warn_if_renamed_bicubic(path: Path, config: dict, kw: dict) -> None:
     )
     if released_arch and path.stem not in BICUBIC_RELEASED and "interpolation" not in kw:
         warnings.warn(
-            f"{path} holds ResNet50 + Conv-AP 4096-d weights without a saved config, under another name than "
+            f"{path} holds ResNet50 + Conv-AP 4096-d weights without a saved config, under "
+            "another name than "
             f"{sorted(BICUBIC_RELEASED)}: evaluating with bilinear resizing; if it is the released "
             "model, pass interpolation='bicubic' (it was trained with it)",
             stacklevel=3,

@@ -384,8 +384,8 @@ def fit(
     Knobs (defaults follow the paper's recipe, lr from later work):
     - epochs, places_per_batch (P; K comes from the dataset), lr, optimizer ("sgd" | "adamw"),
       momentum (SGD only), weight_decay. lr / weight_decay None: 0.05 / 1e-3 for SGD, 2e-4 / 0
-      for AdamW (`OPTIMIZER_DEFAULTS`); on resume, the checkpoint's. Under torchrun P is the GLOBAL batch, split evenly
-      over the processes (see "Several GPUs" below).
+      for AdamW (`OPTIMIZER_DEFAULTS`); on resume, the checkpoint's. Under torchrun P is the
+      GLOBAL batch, split evenly over the processes (see "Several GPUs" below).
     - warmup_steps: linear warm-up from ~0 to lr. The paper used ~500-650 steps on the full
       data (about one epoch; 650 here); the warm-up is clipped to one epoch, so short runs on small
       data reach the full lr after their first epoch (and the schedule does not depend on
@@ -416,7 +416,8 @@ def fit(
     - seed: seeds torch, numpy and random at start; the place order of epoch e depends only
       on (seed, e). Which images of a place are drawn and how they are augmented follow the
       dataset's own seed (`GSVCitiesDataset(seed=...)`, default 0), not this one: for a seed
-      sweep set both (`python -m vprlib.train --seed` does). Initialising the model before calling fit is the caller's business.
+      sweep set both (`python -m vprlib.train --seed` does). Initialising the model before
+      calling fit is the caller's business.
     - device: None = CUDA if available. num_workers: None = `default_num_workers()` (CPU
       cores - 2, between 1 and 12; 0 on a single core).
     - progress: per-epoch tqdm bar with loss, b_acc and images/s, updated every `log_every`
@@ -490,6 +491,7 @@ def fit(
             "lower places_per_batch"
         )
     benchmarks = _as_benchmarks(val)
+    val_size = None  # the image size validation resizes to
     if benchmarks:  # a bad size would otherwise surface only after the first epoch
         val_size = preprocess_config(model, val_image_size)["image_size"]
         train_size = getattr(train_dataset, "image_size", None)
@@ -613,7 +615,6 @@ def fit(
                 saved = ckpt.get("fit_args", {}).get(key)
                 if not given and saved is not None:  # None: the run's own (its optimizer state)
                     fit_args[key] = saved
-            val_size = saved_preprocess["image_size"] if benchmarks and saved_preprocess else None
             _check_resume_args(ckpt, fit_args, model_config, last_path, val_size)
             model.load_state_dict(ckpt["state_dict"])
             opt.load_state_dict(ckpt["optimizer"])

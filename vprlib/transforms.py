@@ -672,8 +672,8 @@ def prefetch_to_device(
     priority: int = 0,
 ) -> Iterator:
     """Yield `to_device(batch)` for each batch, computed ahead in a background thread (up to
-    `depth` batches wait in its queue, one more is in the making), so that decoding/augmenting/copying the next batch overlaps the
-    training step on the current one. On CUDA the thread works on a side stream and the
+    `depth` batches wait in its queue, one more is in the making), so that decoding,
+    augmenting and copying the next batch overlaps the training step on the current one. On CUDA the thread works on a side stream and the
     consumer's stream waits on an event per batch (no host sync). depth=0: plain loop.
     `priority`: that side stream's CUDA priority (lower is higher, e.g. -1: the GPU starts
     the preparation's small kernels ahead of the step's queued ones; clamped to the device's
